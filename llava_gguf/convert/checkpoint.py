@@ -1,0 +1,224 @@
+"""Reading a Hugging Face checkpoint directory lazily: config, and tensors one at a time.
+
+Safetensors headers are parsed directly (8-byte length + JSON), so every tensor is known by file,
+byte range, dtype and shape before any weight is read. That lets the writer copy untouched tensors
+with `os.copy_file_range` (kernel-side, no page ever mapped into this process) and read the rest
+with plain `pread`, which keeps peak RSS independent of the model size. `.bin` pickles are opened
+only with `torch.load(weights_only=True, mmap=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LlavaGgufError
+
+# safetensors dtype -> (numpy storage dtype, bytes per element)
+_ST_DTYPES: dict[str, tuple[np.dtype, int]] = {
+    "F32": (np.dtype("<f4"), 4),
+    "F16": (np.dtype("<f2"), 2),
+    "BF16": (np.dtype("<u2"), 2),  # stored as uint16, widened to f32 on read
+    "F64": (np.dtype("<f8"), 8),
+    "I64": (np.dtype("<i8"), 8),
+    "I32": (np.dtype("<i4"), 4),
+    "I16": (np.dtype("<i2"), 2),
+    "I8": (np.dtype("i1"), 1),
+    "U8": (np.dtype("u1"), 1),
+    "BOOL": (np.dtype("?"), 1),
+}
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of the checkpoint, not yet read."""
+
+    name: str
+    dtype: str  # safetensors spelling: F32, F16, BF16, ...
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in `file` (-1: not a raw range, use `loader`)
+    nbytes: int
+    loader: Callable[[], np.ndarray] | None = None
+
+    @property
+    def is_raw_range(self) -> bool:
+        return self.offset >= 0
+
+    def read(self) -> np.ndarray:
+        """The tensor as numpy, floats widened so that F32/F16 keep their dtype and BF16 becomes F32."""
+        if self.loader is not None:
+            return self.loader()
+        storage, _ = _ST_DTYPES[self.dtype]
+        buf = bytearray(self.nbytes)
+        with open(self.file, "rb", buffering=0) as f:
+            view = memoryview(buf)
+            done = 0
+            while done < self.nbytes:
+                n = os.preadv(f.fileno(), [view[done:]], self.offset + done)
+                if n <= 0:
+                    raise LlavaGgufError(f"{self.file.name} is truncated (tensor {self.name})",
+                                         "download the checkpoint again")
+                done += n
+        arr = np.frombuffer(buf, dtype=storage).reshape(self.shape)
+        if self.dtype == "BF16":
+            arr = bf16_to_f32(arr)
+        return arr
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict
+    tensors: dict[str, TensorRef]  # in on-disk order (file, offset)
+    weight_files: tuple[Path, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def load_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LlavaGgufError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})",
+                             f"the {what} is corrupt; download it again") from None
+    except UnicodeDecodeError:
+        raise LlavaGgufError(f"{path} is not UTF-8 text", f"the {what} is corrupt; download it again") from None
+    if not isinstance(data, dict):
+        raise LlavaGgufError(f"{path} does not hold a JSON object", f"the {what} is corrupt")
+    return data
+
+
+def read_config(src: Path) -> dict:
+    if not src.exists():
+        raise LlavaGgufError(f"{src} does not exist", "give the path of a downloaded Hugging Face checkpoint")
+    if not src.is_dir():
+        raise LlavaGgufError(f"{src} is not a directory", "give the checkpoint directory, not a file in it")
+    cfg = src / "config.json"
+    if not cfg.is_file():
+        if not any(src.iterdir()):
+            raise LlavaGgufError(f"{src} is empty", "give the path of a downloaded Hugging Face checkpoint")
+        raise LlavaGgufError(f"{src} has no config.json", "is this a Hugging Face checkpoint directory?")
+    return load_json(cfg, "config.json")
+
+
+def _parse_safetensors_header(path: Path) -> list[TensorRef]:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        refs = []
+        data_start = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if dtype not in _ST_DTYPES:
+                raise ValueError(f"unsupported dtype {dtype} for {name}")
+            expected = int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[dtype][1]
+            if end - begin != expected or begin < 0:
+                raise ValueError(f"tensor {name} has inconsistent offsets")
+            if data_start + end > size:
+                raise LlavaGgufError(f"{path} is truncated ({size} bytes, tensor {name} ends at {data_start + end})",
+                                     "download the checkpoint again")
+            refs.append(TensorRef(name, dtype, shape, path, data_start + begin, end - begin))
+    except LlavaGgufError:
+        raise
+    except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlavaGgufError(f"{path} is not a valid safetensors file ({e})", "download the checkpoint again") from None
+    except OSError as e:
+        raise LlavaGgufError(f"cannot read {path}: {e.strerror}") from None
+    return refs
+
+
+def _torch_bin_refs(path: Path) -> list[TensorRef]:
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise LlavaGgufError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})",
+                             "download the checkpoint again") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    refs = []
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        dtype = names.get(t.dtype)
+        if dtype is None:
+            continue
+
+        def load(t: torch.Tensor = t) -> np.ndarray:
+            if t.dtype == torch.bfloat16:
+                return t.float().numpy()
+            return t.contiguous().numpy().copy()
+
+        refs.append(TensorRef(name, dtype, tuple(t.shape), path, -1, t.numel() * t.element_size(), load))
+    return refs
+
+
+def _weight_files(src: Path) -> tuple[list[Path], str]:
+    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        index = src / index_name
+        if index.is_file():
+            data = load_json(index, index_name)
+            weight_map = data.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise LlavaGgufError(f"{index} has no weight_map", "the index is corrupt; download it again")
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (src / f).is_file()]
+            if missing:
+                raise LlavaGgufError(f"shard {missing[0]} named in {index_name} is missing from {src}"
+                                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                                     "the download is incomplete")
+            return [src / f for f in files], kind
+    st = sorted(src.glob("*.safetensors"))
+    if st:
+        return st, "safetensors"
+    bins = sorted(p for p in src.glob("pytorch_model*.bin"))
+    if bins:
+        return bins, "bin"
+    raise LlavaGgufError(f"{src} has no weights (*.safetensors or pytorch_model*.bin)", "the download is incomplete")
+
+
+def read_checkpoint(src: Path) -> Checkpoint:
+    """Parse config and tensor headers; no weight is read here."""
+    src = Path(src)
+    config = read_config(src)
+    files, kind = _weight_files(src)
+    refs: list[TensorRef] = []
+    for f in files:
+        refs.extend(_parse_safetensors_header(f) if kind == "safetensors" else _torch_bin_refs(f))
+    tensors: dict[str, TensorRef] = {}
+    for r in sorted(refs, key=lambda r: (str(r.file), r.offset)):
+        if r.name in tensors:
+            raise LlavaGgufError(f"tensor {r.name} appears in more than one weight file", "the checkpoint is inconsistent")
+        tensors[r.name] = r
+    return Checkpoint(src, config, tensors, tuple(files))

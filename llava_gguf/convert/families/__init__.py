@@ -1,0 +1,85 @@
+"""Model families as data: which checkpoints a family accepts, where its parts live in each key
+layout, and how its vision tower and projector names map to GGUF. Adding a family means adding one
+module with its table and registering it in FAMILIES; nothing else branches on the family."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import LlavaGgufError
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Where the language model, vision tower and projector sit in one checkpoint key layout.
+
+    `text` maps checkpoint prefixes to the names a plain `LlamaForCausalLM` would use (`model.`,
+    `lm_head.`), so gguf-py's tensor-name table applies unchanged. `vision` is the prefix of the
+    CLIP vision transformer (its `embeddings.`, `encoder.layers.N.`, ...)."""
+
+    name: str
+    text: tuple[tuple[str, str], ...]
+    vision: str
+    projector: str
+
+    def prefixes(self) -> tuple[str, ...]:
+        return tuple(p for p, _ in self.text) + (self.vision, self.projector)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    layouts: tuple[KeyLayout, ...]
+    vision_globals: tuple[tuple[str, str], ...]  # CLIP name (after the vision prefix) -> GGUF name
+    vision_blocks: tuple[tuple[str, str], ...]  # per-block suffix -> GGUF name, under encoder.layers.{i}.
+    vision_dropped: tuple[str, ...]  # CLIP tensors the family's graph does not use
+    projector: tuple[tuple[str, str], ...]  # projector name -> GGUF name
+    projector_type: str  # clip.projector_type
+    default_chat_template: str
+
+
+def _registry() -> tuple[Family, ...]:
+    from . import llava15
+
+    return (llava15.FAMILY,)
+
+
+def find_family(config: dict) -> Family:
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list):
+        archs = [archs]
+    for family in _registry():
+        if any(a in family.architectures for a in archs):
+            return family
+    model_type = config.get("model_type", "?")
+    if not archs:
+        raise LlavaGgufError(f"config.json names no architecture (model_type {model_type!r})",
+                             "expected a LLaVA checkpoint such as llava-hf/llava-1.5-7b-hf")
+    known = sorted({a for f in _registry() for a in f.architectures})
+    if model_type in ("llama", "mistral", "clip", "clip_vision_model") or any(
+            a.endswith(("ForCausalLM", "CLIPModel", "CLIPVisionModel")) for a in archs):
+        raise LlavaGgufError(f"{archs[0]} is not a LLaVA checkpoint (model_type {model_type!r})",
+                             f"convert takes a LLaVA checkpoint ({', '.join(known)}); "
+                             "a plain language model converts with llama.cpp's convert_hf_to_gguf.py")
+    raise LlavaGgufError(f"unsupported architecture {archs[0]!r}", f"supported: {', '.join(known)}")
+
+
+def detect_layout(family: Family, names: list[str]) -> KeyLayout:
+    """The layout whose prefixes cover every tensor name; the most specific one when several do."""
+    best: tuple[int, int, KeyLayout] | None = None
+    for layout in family.layouts:
+        covered = sum(1 for n in names if n.startswith(layout.prefixes()))
+        specificity = len(layout.vision)
+        if best is None or (covered, specificity) > (best[0], best[1]):
+            best = (covered, specificity, layout)
+    assert best is not None
+    covered, _, layout = best
+    has_text = any(n.startswith(tuple(p for p, _ in layout.text)) for n in names)
+    has_vision = any(n.startswith(layout.vision) for n in names)
+    has_proj = any(n.startswith(layout.projector) for n in names)
+    if not (has_text and has_vision and has_proj):
+        missing = [part for part, ok in (("language model", has_text), ("vision tower", has_vision),
+                                         ("projector", has_proj)) if not ok]
+        raise LlavaGgufError(f"the checkpoint's tensors lack the {' and '.join(missing)} of a {family.name} model",
+                             "is the download complete, and is this a LLaVA checkpoint?")
+    return layout

@@ -1,0 +1,84 @@
+"""LLaVA-1.5 as Hugging Face transformers saves it (`LlavaForConditionalGeneration`, llava-hf/*):
+CLIP ViT vision tower -> 2-layer GELU MLP projector -> LLaMA-architecture language model."""
+from __future__ import annotations
+
+from . import Family, KeyLayout
+
+# The three key layouts transformers has written for LlavaForConditionalGeneration.
+LAYOUTS = (
+    KeyLayout(  # transformers < 4.52 (most hub checkpoints, llava-hf/llava-1.5-*-hf)
+        name="transformers<4.52",
+        text=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+        vision="vision_tower.vision_model.",
+        projector="multi_modal_projector.",
+    ),
+    KeyLayout(  # transformers 4.52 - 4.57
+        name="transformers-4.52",
+        text=(("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+        vision="model.vision_tower.vision_model.",
+        projector="model.multi_modal_projector.",
+    ),
+    KeyLayout(  # transformers 5.x
+        name="transformers-5",
+        text=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+        vision="vision_tower.",
+        projector="multi_modal_projector.",
+    ),
+)
+
+VISION_GLOBALS = (
+    ("embeddings.class_embedding", "v.class_embd"),
+    ("embeddings.patch_embedding.weight", "v.patch_embd.weight"),
+    ("embeddings.position_embedding.weight", "v.position_embd.weight"),
+    ("pre_layrnorm.weight", "v.pre_ln.weight"),
+    ("pre_layrnorm.bias", "v.pre_ln.bias"),
+)
+
+VISION_BLOCKS = (
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.out_proj", "attn_out"),
+    ("layer_norm1", "ln1"),
+    ("layer_norm2", "ln2"),
+    ("mlp.fc1", "ffn_up"),
+    ("mlp.fc2", "ffn_down"),
+)
+
+# LLaVA takes features from an inner layer, before CLIP's post-layernorm.
+VISION_DROPPED = ("post_layernorm.", "embeddings.position_ids")
+
+# gguf-py's generic map would say mm.1/mm.2; libmtmd's mlp projector loads mm.0 and mm.2.
+PROJECTOR = (
+    ("linear_1.weight", "mm.0.weight"),
+    ("linear_1.bias", "mm.0.bias"),
+    ("linear_2.weight", "mm.2.weight"),
+    ("linear_2.bias", "mm.2.bias"),
+)
+
+# Vicuna v1.1 as LLaVA-1.5 was trained (llava-hf's own template): the image before the text.
+VICUNA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }} {% endif %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} {% endif %}"
+    "{% if message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+FAMILY = Family(
+    name="llava-1.5",
+    architectures=("LlavaForConditionalGeneration",),
+    layouts=LAYOUTS,
+    vision_globals=VISION_GLOBALS,
+    vision_blocks=VISION_BLOCKS,
+    vision_dropped=VISION_DROPPED,
+    projector=PROJECTOR,
+    projector_type="mlp",
+    default_chat_template=VICUNA_TEMPLATE,
+)
