@@ -1,0 +1,114 @@
+"""`convert`: a Hugging Face LLaVA checkpoint -> `<name>-<TYPE>.gguf` (LLM) + `mmproj-<name>-<TYPE>.gguf`,
+in one pass over the checkpoint, through atomic outputs."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LlavaGgufError
+from ..outputs import atomic_outputs
+from .checkpoint import Checkpoint, TensorRef, read_checkpoint
+from .families import Family, KeyLayout, detect_layout, find_family
+from .llm import OUTTYPES, build_llm, type_label
+from .mmproj import MMPROJ_TYPES, build_mmproj
+
+__all__ = ["ConvertResult", "convert_checkpoint", "output_names", "OUTTYPES", "MMPROJ_TYPES"]
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    llm: Path
+    mmproj: Path
+    family: str
+    layout: str
+    tensors: int
+    bytes_written: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Callbacks the CLI feeds its progress bar from; both optional."""
+
+    start: Callable[[int, int], None] = lambda total_bytes, total_tensors: None
+    advance_bytes: Callable[[int], None] = lambda n: None
+    advance_tensor: Callable[[str], None] = lambda name: None
+
+
+def output_names(name: str, outtype: str, mmproj_type: str) -> tuple[str, str]:
+    return f"{name}-{type_label(outtype)}.gguf", f"mmproj-{name}-{type_label(mmproj_type)}.gguf"
+
+
+def _resolved_configs(src: Path, raw: dict) -> tuple[dict, dict, dict]:
+    """Root, text and vision configs with transformers' defaults filled in (llava-hf configs list
+    only what differs from LlamaConfig/CLIPVisionConfig defaults), as llama.cpp's converter does."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a config it cannot read
+        raise LlavaGgufError(f"transformers cannot read {src / 'config.json'}: {str(e).splitlines()[0][:300]}",
+                             "the config is corrupt or from an unsupported model") from None
+    root = cfg.to_dict()
+    text = getattr(cfg, "text_config", None)
+    vision = getattr(cfg, "vision_config", None)
+    if text is None or vision is None:
+        raise LlavaGgufError("config.json lacks text_config or vision_config", "is this a LLaVA checkpoint?")
+    text_d = {**root, **text.to_dict()}
+    return root, text_d, vision.to_dict()
+
+
+def _split(ck: Checkpoint, layout: KeyLayout) -> tuple[dict[str, TensorRef], dict[str, TensorRef], dict[str, TensorRef]]:
+    text: dict[str, TensorRef] = {}
+    vision: dict[str, TensorRef] = {}
+    proj: dict[str, TensorRef] = {}
+    for name, ref in ck.tensors.items():
+        for prefix, canonical in layout.text:
+            if name.startswith(prefix):
+                text[canonical + name[len(prefix):]] = ref
+                break
+        else:
+            if name.startswith(layout.projector):
+                proj[name[len(layout.projector):]] = ref
+            elif name.startswith(layout.vision):
+                vision[name[len(layout.vision):]] = ref
+            # anything else (e.g. a stray image_newline of another family) is not ours to write
+    return text, vision, proj
+
+
+def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f16", mmproj_type: str | None = None,
+                       name: str | None = None, force: bool = False, progress: Progress | None = None) -> ConvertResult:
+    src, outdir = Path(src), Path(outdir)
+    outtype = outtype.lower()
+    if outtype not in OUTTYPES:
+        raise LlavaGgufError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join(OUTTYPES)}")
+    mmproj_type = (mmproj_type or ("f32" if outtype == "f32" else "f16")).lower()
+    if mmproj_type not in MMPROJ_TYPES:
+        raise LlavaGgufError(f"unknown --mmproj-type {mmproj_type!r}", f"choose one of {', '.join(MMPROJ_TYPES)}")
+    ck = read_checkpoint(src)
+    family: Family = find_family(ck.config)
+    name = name or src.resolve().name
+    if not re.fullmatch(r"[^/\\\x00]+", name) or name in (".", ".."):
+        raise LlavaGgufError(f"--name {name!r} is not usable in a file name")
+    layout = detect_layout(family, list(ck.tensors))
+    root, text_hp, vision_hp = _resolved_configs(src, ck.config)
+    text, vision, proj = _split(ck, layout)
+    llm = build_llm(text_hp, text, src, outtype, None, family.default_chat_template)
+    mm = build_mmproj(family, root, vision_hp, int(text_hp["hidden_size"]), vision, proj, src, mmproj_type, name)
+    llm_name, mm_name = output_names(name, outtype, mmproj_type)
+    progress = progress or Progress()
+    from .writer import TensorStream
+
+    with atomic_outputs(outdir, [llm_name, mm_name], force=force) as out:
+        llm_partial, mm_partial = out.partials
+        progress.start(llm.data_bytes + mm.data_bytes, len(llm.tensors) + len(mm.tensors))
+        try:
+            TensorStream([(llm, llm_partial), (mm, mm_partial)]).run(progress.advance_bytes, progress.advance_tensor)
+        except OSError as e:
+            raise LlavaGgufError(f"writing {outdir} failed: {e.strerror or e}") from None
+        except EOFError:
+            raise LlavaGgufError("a weight file ended early while it was being read",
+                                 "the checkpoint changed or is truncated; download it again") from None
+    return ConvertResult(outdir / llm_name, outdir / mm_name, family.name, layout.name,
+                         len(llm.tensors) + len(mm.tensors), llm.data_bytes + mm.data_bytes)

@@ -1,0 +1,127 @@
+"""The language model GGUF: what llama.cpp's convert_hf_to_gguf.py writes for a LLaMA-architecture
+text model (same tensor names, shapes, types, hyperparameters and tokenizer), written by our
+streaming writer. Names go through gguf-py's tensor-name table; q/k get llama.cpp's rotary permute."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..errors import LlavaGgufError
+from .checkpoint import TensorRef
+from .vocab import add_vocab, read_vocab
+from .writer import PlannedTensor, QType, StreamingGGUF, can_quantize
+
+# The file-type names we accept, their GGUF file type and the type of a quantizable weight.
+OUTTYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
+    "f32": (gguf.LlamaFileType.ALL_F32, QType.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, QType.F16),
+    "bf16": (gguf.LlamaFileType.MOSTLY_BF16, QType.BF16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, QType.Q8_0),
+}
+
+
+def type_label(outtype: str) -> str:
+    """llama.cpp's spelling in file names: F32, F16, BF16, Q8_0."""
+    return outtype.upper()
+
+
+def permute_rotary(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    # convert_hf_to_gguf.py LlamaModel.permute: HF's rotate-half layout -> llama.cpp's interleaved one
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def weight_qtype(name: str, shape: tuple[int, ...], wanted: QType) -> QType:
+    """convert_hf_to_gguf.py's rule for a text model: 1-D tensors and norms stay F32; the rest take
+    the file type, falling back to F16 where a row does not fill whole quantization blocks."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return QType.F32
+    if wanted in (QType.F32, QType.F16, QType.BF16):
+        return wanted
+    return wanted if can_quantize(shape, wanted) else QType.F16
+
+
+def plan_llm(hp: dict, text_tensors: dict[str, TensorRef], outtype: str) -> list[PlannedTensor]:
+    n_layers = int(hp["num_hidden_layers"])
+    n_head = int(hp["num_attention_heads"])
+    n_head_kv = hp.get("num_key_value_heads")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    _, wanted = OUTTYPES[outtype]
+    planned = []
+    for hf_name, ref in text_tensors.items():
+        if hf_name.endswith((".rotary_emb.inv_freq", ".attention.masked_bias")):
+            continue
+        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise LlavaGgufError(f"unexpected language-model tensor {hf_name!r}",
+                                 "this checkpoint's text model is not a LLaMA-architecture model we can map")
+        transform = None
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            transform = partial(permute_rotary, n_head=n_head, n_head_kv=n_head)
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            transform = partial(permute_rotary, n_head=n_head, n_head_kv=n_head_kv)
+        planned.append(PlannedTensor(new, ref.shape, weight_qtype(new, ref.shape, wanted), ref, transform))
+    return planned
+
+
+def add_llm_metadata(w: gguf.GGUFWriter, hp: dict, src: Path, outtype: str, model_name: str | None,
+                     default_chat_template: str) -> None:
+    ftype, _ = OUTTYPES[outtype]
+    w.add_type(gguf.GGUFType.MODEL)
+    total_params, shared, expert, n_expert = w.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, src, model_name, total_params)
+    if meta.name is None:
+        meta.name = src.name
+    if meta.size_label is None and total_params > 0:
+        meta.size_label = gguf.size_label(total_params, shared, expert, n_expert)
+    meta.set_gguf_meta_model(w)
+
+    w.add_block_count(int(hp["num_hidden_layers"]))
+    if (n_ctx := hp.get("max_position_embeddings")) is not None:
+        w.add_context_length(int(n_ctx))
+    w.add_embedding_length(int(hp["hidden_size"]))
+    w.add_feed_forward_length(int(hp["intermediate_size"]))
+    w.add_head_count(int(hp["num_attention_heads"]))
+    if (n_kv := hp.get("num_key_value_heads")) is not None:
+        w.add_head_count_kv(int(n_kv))
+    rope = hp.get("rope_parameters") or hp.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type"))
+    factor = rope.get("factor")
+    if rope_type == "linear" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(factor)
+    elif rope_type == "yarn" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    elif rope_type not in (None, "default"):
+        raise LlavaGgufError(f"unsupported RoPE scaling {rope_type!r} in the text model")
+    rope_theta = rope.get("rope_theta", hp.get("rope_theta"))
+    if rope_theta is not None:
+        w.add_rope_freq_base(float(rope_theta))
+    if (eps := hp.get("rms_norm_eps")) is not None:
+        w.add_layer_norm_rms_eps(float(eps))
+    if (head_dim := hp.get("head_dim")) is not None:
+        w.add_key_length(int(head_dim))
+        w.add_value_length(int(head_dim))
+    w.add_file_type(ftype)
+    w.add_vocab_size(int(hp["vocab_size"]))
+    w.add_rope_dimension_count(int(hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_vocab(w, src, read_vocab(src, int(hp["vocab_size"])), default_chat_template)
+
+
+def build_llm(hp: dict, text_tensors: dict[str, TensorRef], src: Path, outtype: str,
+              model_name: str | None, default_chat_template: str) -> StreamingGGUF:
+    if hp.get("model_type", "llama") not in ("llama", "mistral"):
+        raise LlavaGgufError(f"unsupported text model type {hp.get('model_type')!r}", "supported: llama")
+    gg = StreamingGGUF(gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    for t in plan_llm(hp, text_tensors, outtype):
+        gg.add(t)
+    add_llm_metadata(gg.kv, hp, src, outtype, model_name, default_chat_template)
+    return gg

@@ -1,0 +1,155 @@
+"""The mmproj GGUF (CLIP vision tower + projector) in the form libmtmd loads; see
+shared/mmproj-format.md. The feature layer is always written explicitly and only the layers it
+needs are stored, which sidesteps upstream llama.cpp issue #25817 (the last layer dropped twice)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gguf
+
+from ..errors import LlavaGgufError
+from .checkpoint import TensorRef
+from .families import Family
+from .writer import PlannedTensor, QType, StreamingGGUF, can_quantize
+
+MMPROJ_TYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
+    "f32": (gguf.LlamaFileType.ALL_F32, QType.F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, QType.F16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, QType.Q8_0),
+}
+
+# OpenAI CLIP's normalisation, used by every LLaVA tower when preprocessor_config.json is absent.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def feature_layer_index(cfg: dict, n_layers: int) -> int:
+    """HF's vision_feature_layer as a non-negative index into hidden_states (0 = embeddings)."""
+    layer = cfg.get("vision_feature_layer", -2)
+    if isinstance(layer, list):
+        raise LlavaGgufError(f"vision_feature_layer {layer} (several layers) is not supported",
+                             "libmtmd's llava graph takes one feature layer")
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise LlavaGgufError(f"vision_feature_layer {layer!r} is not an integer")
+    index = layer if layer >= 0 else n_layers + 1 + layer
+    if not 1 <= index <= n_layers:
+        raise LlavaGgufError(f"vision_feature_layer {layer} is out of range for a {n_layers}-layer vision tower")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise LlavaGgufError(f"vision_feature_select_strategy {strategy!r} is not supported",
+                             "libmtmd's llava graph drops the CLS token, as strategy 'default' does")
+    return index
+
+
+def _act_keys(act: str) -> dict[str, bool]:
+    # CLIP's quick_gelu is clip.cpp's default; setting use_gelu for a CLIP tower changes every layer.
+    if act == "quick_gelu":
+        return {}
+    if act in ("gelu", "gelu_pytorch_tanh"):
+        return {gguf.Keys.ClipVision.USE_GELU: True}
+    if act == "silu":
+        return {gguf.Keys.ClipVision.USE_SILU: True}
+    raise LlavaGgufError(f"vision tower activation {act!r} is not supported")
+
+
+def image_norm(src: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    path = src / "preprocessor_config.json"
+    if path.is_file():
+        try:
+            pre = json.loads(path.read_text(encoding="utf-8"))
+            return tuple(pre.get("image_mean", CLIP_MEAN)), tuple(pre.get("image_std", CLIP_STD))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LlavaGgufError(f"{path} is not valid JSON", "the preprocessor config is corrupt") from None
+    return CLIP_MEAN, CLIP_STD
+
+
+def mmproj_qtype(name: str, shape: tuple[int, ...], mmproj_type: str) -> QType:
+    """convert_hf_to_gguf.py's MmprojModel rule: 1-D tensors, biases and the position embedding
+    stay F32; the patch embedding is F16 in an f16 file, else F32; other weights take the type."""
+    ftype, wanted = MMPROJ_TYPES[mmproj_type]
+    if len(shape) <= 1 or not name.endswith(".weight") or name.endswith("position_embd.weight"):
+        return QType.F32
+    if name == "v.patch_embd.weight":
+        return QType.F16 if wanted == QType.F16 else QType.F32
+    if wanted in (QType.F32, QType.F16):
+        return wanted
+    return wanted if can_quantize(shape, wanted) else QType.F16
+
+
+def plan_mmproj(family: Family, vision: dict[str, TensorRef], projector: dict[str, TensorRef],
+                n_keep: int, mmproj_type: str) -> list[PlannedTensor]:
+    globals_ = dict(family.vision_globals)
+    blocks = dict(family.vision_blocks)
+    proj = dict(family.projector)
+    block_re = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+    planned: list[PlannedTensor] = []
+
+    def add(name: str, ref: TensorRef) -> None:
+        planned.append(PlannedTensor(name, ref.shape, mmproj_qtype(name, ref.shape, mmproj_type), ref))
+
+    for hf_name, ref in vision.items():
+        if hf_name in globals_:
+            add(globals_[hf_name], ref)
+        elif m := block_re.match(hf_name):
+            layer, part, kind = int(m[1]), m[2], m[3]
+            if part not in blocks:
+                raise LlavaGgufError(f"unexpected vision tensor {hf_name!r}")
+            if layer < n_keep:
+                add(f"v.blk.{layer}.{blocks[part]}.{kind}", ref)
+        elif not hf_name.startswith(family.vision_dropped):
+            raise LlavaGgufError(f"unexpected vision tensor {hf_name!r}")
+    for hf_name, ref in projector.items():
+        if hf_name not in proj:
+            raise LlavaGgufError(f"unexpected projector tensor {hf_name!r}")
+        add(proj[hf_name], ref)
+    have = {t.name for t in planned}
+    required = set(globals_.values()) | set(proj.values()) | {
+        f"v.blk.{i}.{g}.{k}" for i in range(n_keep) for g in blocks.values() for k in ("weight", "bias")}
+    missing = sorted(required - have)
+    if missing:
+        raise LlavaGgufError(f"the vision tower or projector lacks {missing[0]}"
+                             + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""),
+                             "the checkpoint is incomplete (a projector without biases is not supported)")
+    return planned
+
+
+def build_mmproj(family: Family, cfg: dict, vcfg: dict, text_hidden: int, vision: dict[str, TensorRef],
+                 projector: dict[str, TensorRef], src: Path, mmproj_type: str, model_name: str) -> StreamingGGUF:
+    n_layers = int(vcfg["num_hidden_layers"])
+    feature = feature_layer_index(cfg, n_layers)
+    act = cfg.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise LlavaGgufError(f"projector activation {act!r} is not supported", "libmtmd's mlp projector applies GELU")
+    planned = plan_mmproj(family, vision, projector, feature, mmproj_type)
+    mm2 = next(t for t in planned if t.name == "mm.2.weight")
+    if mm2.shape[0] != text_hidden:
+        raise LlavaGgufError(f"the projector outputs {mm2.shape[0]} values per image token but the language "
+                             f"model's embedding width is {text_hidden}", "the checkpoint is inconsistent")
+    ftype, _ = MMPROJ_TYPES[mmproj_type]
+    mean, std = image_norm(src)
+    gg = StreamingGGUF("clip")
+    for t in planned:
+        gg.add(t)
+    w = gg.kv
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name(model_name)
+    w.add_file_type(ftype)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type(family.projector_type)
+    w.add_vision_projection_dim(text_hidden)
+    w.add_vision_image_size(int(vcfg["image_size"]))
+    w.add_vision_patch_size(int(vcfg["patch_size"]))
+    w.add_vision_embedding_length(int(vcfg["hidden_size"]))
+    w.add_vision_feed_forward_length(int(vcfg["intermediate_size"]))
+    w.add_vision_block_count(feature)  # exactly the layers the feature layer needs
+    w.add_vision_head_count(int(vcfg["num_attention_heads"]))
+    w.add_vision_attention_layernorm_eps(float(vcfg.get("layer_norm_eps", 1e-5)))
+    w.add_vision_image_mean([float(x) for x in mean])
+    w.add_vision_image_std([float(x) for x in std])
+    # clip.cpp reads this with get_arr_int, which demands an INT32 array.
+    w.add_key_value("clip.vision.feature_layer", [feature], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+    for key, value in _act_keys(vcfg.get("hidden_act", "quick_gelu")).items():
+        w.add_bool(key, value)
+    return gg

@@ -1,0 +1,131 @@
+"""The LLM's tokenizer in GGUF, the way llama.cpp's convert_hf_to_gguf.py writes it for LLaMA-family
+models: SentencePiece `tokenizer.model` when present (scores, token types, added tokens, `[PADn]`
+rows up to the embedding's vocab size), else the Hugging Face `tokenizer.json` through gguf-py's
+LlamaHfVocab; special token ids, add_bos/eos and the chat template through gguf.SpecialVocab."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import gguf
+
+from ..errors import LlavaGgufError
+
+
+class TokenType(IntEnum):  # llama.cpp's llama_token_type
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+@dataclass(frozen=True)
+class Vocab:
+    model: str  # tokenizer.ggml.model
+    pre: str  # tokenizer.ggml.pre
+    tokens: list[bytes]
+    scores: list[float]
+    types: list[int]
+
+
+def _looks_special(token: str) -> bool:
+    # convert_hf_to_gguf.py's does_token_look_special: added tokens some models forget to mark special
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def _sentencepiece_vocab(src: Path, vocab_size: int | None) -> Vocab:
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(src / "tokenizer.model"))
+    except (OSError, RuntimeError) as e:
+        raise LlavaGgufError(f"{src / 'tokenizer.model'} is not a SentencePiece model ({e})",
+                             "download the tokenizer again") from None
+    n = vocab_size or sp.vocab_size()
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    scores = [-10000.0] * n
+    types = [int(TokenType.UNUSED)] * n
+    for i in range(min(sp.vocab_size(), n)):
+        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        scores[i] = sp.GetScore(i)
+        if sp.IsUnknown(i):
+            types[i] = TokenType.UNKNOWN
+        elif sp.IsControl(i):
+            types[i] = TokenType.CONTROL
+        elif sp.IsUnused(i):
+            types[i] = TokenType.UNUSED
+        elif sp.IsByte(i):
+            types[i] = TokenType.BYTE
+        else:
+            types[i] = TokenType.NORMAL
+
+    added_json = src / "added_tokens.json"
+    if added_json.is_file():
+        for text, i in json.loads(added_json.read_text(encoding="utf-8")).items():
+            if i < n:
+                tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, TokenType.USER_DEFINED
+
+    decoder: dict[int, dict] = {}
+    tok_cfg = src / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        decoder = {int(k): v for k, v in json.loads(tok_cfg.read_text(encoding="utf-8")).get("added_tokens_decoder", {}).items()}
+    # transformers 5 no longer writes added_tokens_decoder; its tokenizer.json still lists them.
+    # (llama.cpp's converter misses these, leaving e.g. <image> as [PADn].)
+    tok_json = src / "tokenizer.json"
+    if tok_json.is_file():
+        for entry in json.loads(tok_json.read_text(encoding="utf-8")).get("added_tokens", []):
+            decoder.setdefault(int(entry["id"]), entry)
+    for i, data in sorted(decoder.items()):
+        if i >= n:
+            continue
+        text: str = data["content"]
+        if data.get("special") or _looks_special(text):
+            types[i] = TokenType.CONTROL
+        else:
+            text = text.replace("\u2581", " ")
+            types[i] = TokenType.USER_DEFINED
+        scores[i] = -1000.0
+        tokens[i] = text.encode("utf-8")
+    return Vocab("llama", "default", tokens, scores, [int(t) for t in types])
+
+
+def _hf_vocab(src: Path) -> Vocab:
+    try:
+        hf = gguf.LlamaHfVocab(src)
+    except (FileNotFoundError, TypeError, KeyError) as e:
+        raise LlavaGgufError(f"no usable LLaMA tokenizer in {src} ({e})",
+                             "expected tokenizer.model or a byte-fallback BPE tokenizer.json") from None
+    tokens, scores, types = [], [], []
+    for text, score, toktype in hf.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(int(toktype))
+    return Vocab("llama", "default", tokens, scores, types)
+
+
+def read_vocab(src: Path, vocab_size: int | None) -> Vocab:
+    if (src / "tokenizer.model").is_file():
+        return _sentencepiece_vocab(src, vocab_size)
+    if (src / "tokenizer.json").is_file():
+        return _hf_vocab(src)
+    raise LlavaGgufError(f"{src} has no tokenizer (tokenizer.model or tokenizer.json)", "the download is incomplete")
+
+
+def add_vocab(writer: gguf.GGUFWriter, src: Path, vocab: Vocab, default_chat_template: str | None) -> None:
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    special = gguf.SpecialVocab(src, n_vocab=len(vocab.tokens))
+    if special.chat_template is None and default_chat_template is not None:
+        special.chat_template = default_chat_template
+    special.add_to_gguf(writer, quiet=True)

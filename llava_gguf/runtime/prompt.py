@@ -1,0 +1,54 @@
+"""Prompt rendering from the GGUF's own chat template (the family default when it has none), with the
+image before the text as LLaVA was trained; never a handler's hard-coded system prompt."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LlavaGgufError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    text: str
+    n_images: int = 0
+
+
+def _content(m: Message) -> list[dict] | str:
+    if m.role != "user":
+        return m.text
+    return [{"type": "image"} for _ in range(m.n_images)] + [{"type": "text", "text": m.text}]
+
+
+def render(template: str, messages: list[Message], *, bos: str, eos: str, add_generation_prompt: bool = True) -> str:
+    """The prompt text, with IMAGE_PLACEHOLDER where each image goes (in order)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise LlavaGgufError(f"the chat template refused the conversation: {message}")
+
+    try:
+        text = env.from_string(template).render(
+            messages=[{"role": m.role, "content": _content(m)} for m in messages],
+            add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
+            raise_exception=raise_exception)
+    except TemplateError as e:
+        raise LlavaGgufError(f"the model's chat template failed: {e}") from None
+    return text
+
+
+def render_with_images(templates: list[str], messages: list[Message], *, bos: str, eos: str) -> str:
+    """Render with the first template that places every image; the last is the family default."""
+    n_images = sum(m.n_images for m in messages)
+    for template in templates:
+        text = render(template, messages, bos=bos, eos=eos)
+        if text.count(IMAGE_PLACEHOLDER) == n_images:
+            if bos and text.startswith(bos):
+                text = text[len(bos):]  # llama.cpp adds BOS itself
+            return text
+    raise LlavaGgufError("no chat template places the images in the prompt")

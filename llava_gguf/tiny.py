@@ -1,0 +1,191 @@
+"""Tiny random LLaVA-1.5 checkpoints, built with transformers in the real key layouts.
+
+For tests, benchmarks and the demo (no model hub is needed). The tokenizer is a SentencePiece model
+trained in-process; the files look like a hub download of llava-hf/llava-1.5-7b-hf: config.json,
+weights (single file or sharded with an index), tokenizer.model + tokenizer.json +
+tokenizer_config.json (with added_tokens_decoder), preprocessor_config.json, chat_template.json."""
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .convert.families.llava15 import LAYOUTS, VICUNA_TEMPLATE
+
+LAYOUT_NAMES = tuple(layout.name for layout in LAYOUTS)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    layout: str = "transformers-5"
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    shards: int = 1
+    image_size: int = 112
+    patch_size: int = 14
+    vision_hidden: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 256  # a multiple of 256, so every llama.cpp quantization type applies
+    text_ff: int = 512
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2  # grouped-query attention
+    sp_vocab: int = 1000
+    vocab_size: int = 1024  # padded like llava-hf's 32064: [PADn] rows after <image> and <pad>
+    feature_layer: int = -2
+    select_strategy: str = "default"
+    hidden_act: str = "quick_gelu"
+    seed: int = 0
+    logit_scale: float = 8.0  # sharpen the random LM so greedy decoding is not a coin toss
+
+
+def _corpus(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) for _ in range(4000)]
+    words += ["USER", "ASSISTANT", "What", "is", "in", "the", "image", "A", "cat", "red", "circle", "Describe"]
+    tails = [".", "?", "!", ",", " 123", " 4.5", " ünïcödé", " 日本語", " 😀", " \t", "\n", "  "]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 16))) + rng.choice(tails) for _ in range(3000)]
+
+
+def _train_tokenizer(spec: TinySpec) -> bytes:
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus(spec.seed)), model_writer=buf, vocab_size=spec.sp_vocab, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1,
+        minloglevel=2)
+    return buf.getvalue()
+
+
+def _write_tokenizer(out: Path, spec: TinySpec) -> None:
+    from transformers import AutoTokenizer
+
+    (out / "tokenizer.model").write_bytes(_train_tokenizer(spec))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [spec.sp_vocab, spec.sp_vocab + 1]
+    tok.save_pretrained(out)
+    # transformers 5 no longer writes added_tokens_decoder; hub checkpoints (saved by 4.x) have it.
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": True}
+        for i, t in ((0, "<unk>"), (1, "<s>"), (2, "</s>"), (spec.sp_vocab, "<image>"), (spec.sp_vocab + 1, "<pad>"))}
+    cfg.update({"add_bos_token": True, "add_eos_token": False, "legacy": False, "padding_side": "left"})
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": VICUNA_TEMPLATE}))
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": spec.image_size},
+        "do_center_crop": True, "crop_size": {"height": spec.image_size, "width": spec.image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3}, indent=2))
+
+
+def build_model(spec: TinySpec):
+    """The random LlavaForConditionalGeneration (fp32) that `make_tiny_llava` saves."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(spec.seed)
+    vc = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 4,
+                          num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                          image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.text_hidden,
+                          hidden_act=spec.hidden_act)
+    tc = LlamaConfig(hidden_size=spec.text_hidden, intermediate_size=spec.text_ff, num_hidden_layers=spec.text_layers,
+                     num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                     vocab_size=spec.vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=spec.sp_vocab + 1)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=spec.sp_vocab,
+                      vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.select_strategy,
+                      projector_hidden_act="gelu", image_seq_length=(spec.image_size // spec.patch_size) ** 2)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(spec.logit_scale)
+    return model
+
+
+def _rename(name: str, layout: str) -> str:
+    """transformers 5 state-dict names (`model.language_model.*`, `model.vision_tower.*`, `lm_head.*`,
+    `model.multi_modal_projector.*`) -> the names `layout` stores on disk."""
+    target = next(layout_ for layout_ in LAYOUTS if layout_.name == layout)
+    if name.startswith("lm_head."):
+        prefix = next(p for p, canon in target.text if canon == "lm_head.")
+        return prefix + name[len("lm_head."):]
+    if name.startswith("model.language_model."):
+        prefix = next(p for p, canon in target.text if canon == "model.")
+        return prefix + name[len("model.language_model."):]
+    if name.startswith("model.vision_tower."):
+        rest = name[len("model.vision_tower."):]
+        rest = rest[len("vision_model."):] if rest.startswith("vision_model.") else rest
+        return target.vision + rest
+    if name.startswith("model.multi_modal_projector."):
+        return target.projector + name[len("model.multi_modal_projector."):]
+    raise ValueError(f"unexpected state-dict name {name}")
+
+
+def save_checkpoint(model, out: Path, spec: TinySpec) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec.dtype]
+    state = {_rename(k, spec.layout): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = cfg["dtype"] = spec.dtype
+    cfg["architectures"] = ["LlavaForConditionalGeneration"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    if spec.shards <= 1:
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    per = -(-len(names) // spec.shards)
+    weight_map = {}
+    for i in range(spec.shards):
+        part = names[i * per:(i + 1) * per]
+        fname = f"model-{i + 1:05d}-of-{spec.shards:05d}.safetensors"
+        save_file({n: state[n] for n in part}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def make_tiny_llava(out: Path | str, spec: TinySpec = TinySpec()) -> Path:
+    """Write a tiny random LLaVA-1.5 checkpoint to `out` (created) and return it."""
+    if spec.layout not in LAYOUT_NAMES:
+        raise ValueError(f"layout must be one of {LAYOUT_NAMES}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer(out, spec)
+    save_checkpoint(build_model(spec), out, spec)
+    (out / "tiny-spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    return out
+
+
+def test_image(size: int, seed: int = 0):
+    """A deterministic, structured RGB test image (gradients and shapes), size x size."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    arr = np.stack([255 * x, 255 * y, 255 * (1 - x) * y], axis=-1)
+    arr += rng.normal(0, 12, arr.shape)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img)
+    s = size
+    d.ellipse([s * 0.1, s * 0.1, s * 0.45, s * 0.45], fill=(220, 30, 40))
+    d.rectangle([s * 0.55, s * 0.5, s * 0.9, s * 0.85], fill=(30, 60, 200))
+    d.polygon([(s * 0.2, s * 0.9), (s * 0.4, s * 0.55), (s * 0.6, s * 0.9)], fill=(250, 220, 40))
+    return img
