@@ -85,6 +85,16 @@ def _write_tokenizer(out: Path, spec: TinySpec) -> None:
         for i, t in ((0, "<unk>"), (1, "<s>"), (2, "</s>"), (spec.sp_vocab, "<image>"), (spec.sp_vocab + 1, "<pad>"))}
     cfg.update({"add_bos_token": True, "add_eos_token": False, "legacy": False, "padding_side": "left"})
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    # Hub LLaMA tokenizers (llava-hf's included) were converted by transformers 4.x with the legacy
+    # SentencePiece normalizer: "▁" prepended to every segment between special tokens, spaces kept.
+    # transformers 5 writes a Metaspace pre-tokenizer instead, which folds a leading space into the
+    # prefix; write what the hub files say.
+    tj = json.loads((out / "tokenizer.json").read_text())
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                             {"type": "Replace", "pattern": {"String": " "},
+                                                              "content": "\u2581"}]}
+    tj["pre_tokenizer"] = None
+    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": VICUNA_TEMPLATE}))
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": spec.image_size},
@@ -173,7 +183,7 @@ def make_tiny_llava(out: Path | str, spec: TinySpec = TinySpec()) -> Path:
     return out
 
 
-def test_image(size: int, seed: int = 0):
+def sample_image(size: int, seed: int = 0):
     """A deterministic, structured RGB test image (gradients and shapes), size x size."""
     import numpy as np
     from PIL import Image, ImageDraw

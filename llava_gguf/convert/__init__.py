@@ -94,8 +94,9 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     layout = detect_layout(family, list(ck.tensors))
     root, text_hp, vision_hp = _resolved_configs(src, ck.config)
     text, vision, proj = _split(ck, layout)
-    llm = build_llm(text_hp, text, src, outtype, None, family.default_chat_template)
+    # the mmproj first: its checks (feature layer, strategy, activations) need no tokenizer work
     mm = build_mmproj(family, root, vision_hp, int(text_hp["hidden_size"]), vision, proj, src, mmproj_type, name)
+    llm = build_llm(text_hp, text, src, outtype, None, family.default_chat_template)
     llm_name, mm_name = output_names(name, outtype, mmproj_type)
     progress = progress or Progress()
     from .writer import TensorStream

@@ -219,6 +219,14 @@ class LLaVA:
                 llm.n_tokens = new_past.value
         return llm.input_ids[: llm.n_tokens].tolist()
 
+    def eval_image(self, image: ImageInput) -> None:
+        """Encode `image` and decode its rows after what the context holds."""
+        chunks = self._tokenize(IMAGE_PLACEHOLDER, [image], add_special=False)
+        try:
+            self.eval_chunks(chunks)
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+
     def eval_embeddings(self, embd: np.ndarray) -> None:
         """Decode raw embedding rows (e.g. from embed_image) after what the context holds."""
         lc, llm = self._lc, self.llm

@@ -124,3 +124,29 @@ def quiet_logs(verbose: bool) -> None:
 
 
 _log_cb = None
+
+
+def backend_devices() -> list[dict[str, str]]:
+    """ggml's backend devices in the loaded build (name, description, type), read from libggml."""
+    import ctypes
+
+    configure()
+    llama_cpp()  # loads libggml through libllama
+    lib = ctypes.CDLL(str(_configured.lib_dir / _lib("ggml")))  # type: ignore[union-attr]
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    kinds = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        out.append({"name": lib.ggml_backend_dev_name(dev).decode(errors="replace"),
+                    "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
+                    "type": kinds.get(lib.ggml_backend_dev_type(dev), "other")})
+    return out

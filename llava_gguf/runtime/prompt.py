@@ -16,10 +16,29 @@ class Message:
     n_images: int = 0
 
 
-def _content(m: Message) -> list[dict] | str:
-    if m.role != "user":
-        return m.text
+def _content(m: Message) -> list[dict]:
+    # Hugging Face's multimodal message form, which llava-hf's templates iterate over.
     return [{"type": "image"} for _ in range(m.n_images)] + [{"type": "text", "text": m.text}]
+
+
+def _generation_extension():
+    """transformers' `{% generation %}...{% endgeneration %}` tag (marks assistant text for training
+    masks; llava-hf's template uses it): rendered as its body."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    return Generation
 
 
 def render(template: str, messages: list[Message], *, bos: str, eos: str, add_generation_prompt: bool = True) -> str:
@@ -27,7 +46,7 @@ def render(template: str, messages: list[Message], *, bos: str, eos: str, add_ge
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_generation_extension()])
 
     def raise_exception(message: str) -> None:
         raise LlavaGgufError(f"the chat template refused the conversation: {message}")

@@ -1,0 +1,57 @@
+# Sourced by bin/llava-gguf and bin/test: make .venv hold this project, its [dev] extras and its native
+# part, built once and rebuilt only when what they are built from changes.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="$ROOT/.venv"
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/llava-gguf"
+SDIST="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+
+say() { printf '[llava-gguf setup] %s\n' "$*" >&2; }
+
+pick_python() {
+  for py in "${PYTHON:-}" python3.11 python3.12 python3.10 python3.13 python3; do
+    [ -n "$py" ] || continue
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
+      echo "$py"; return 0
+    fi
+  done
+  say "Python >= 3.10 is required"; return 1
+}
+
+stamp_of() {
+  (cd "$ROOT" && cat pyproject.toml CMakeLists.txt native/patches/*.patch bin/lib/bootstrap.sh) | sha256sum | cut -c1-16
+}
+
+bootstrap() {
+  local want have=""
+  want="$(stamp_of)"
+  [ -f "$VENV/.llava-gguf-stamp" ] && have="$(cat "$VENV/.llava-gguf-stamp")"
+  [ "$want" = "$have" ] && return 0
+  local t0=$SECONDS py
+  if [ ! -x "$VENV/bin/python" ]; then
+    py="$(pick_python)"
+    say "creating $VENV with $("$py" --version)"
+    "$py" -m venv "$VENV"
+  fi
+  local pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+  "${pip[@]}" install --upgrade "pip>=24" >&2
+  say "installing torch (CPU build)"
+  "${pip[@]}" install "torch==2.13.0" >&2
+  if [ ! -f "$SDIST" ]; then
+    say "fetching the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist (its llama.cpp is what we build)"
+    mkdir -p "$CACHE"
+    "${pip[@]}" download --no-binary :all: --no-deps -d "$CACHE" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >&2
+  fi
+  # llama-cpp-python without its own native build: it loads the libraries we build (one ggml per
+  # process). Saves its ~5-minute compile.
+  say "installing llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (Python part only)"
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "${pip[@]}" install "$SDIST" >&2
+  say "building the native part and installing llava-gguf[dev] (a few minutes the first time)"
+  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
+  LLAVA_GGUF_SDIST="$SDIST" "${pip[@]}" install -e "$ROOT[dev]" >&2
+  echo "$want" > "$VENV/.llava-gguf-stamp"
+  say "ready in $((SECONDS - t0)) s"
+}
+
+bootstrap

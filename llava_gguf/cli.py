@@ -1,0 +1,171 @@
+"""The `llava-gguf` command line. Each command parses, calls one library function, renders."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import LlavaGgufError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert LLaVA checkpoints from Hugging Face to GGUF and run them on llama.cpp.")
+
+
+def _fail(e: LlavaGgufError) -> None:
+    typer.echo(f"error: {e.one_line()}", err=True)
+    raise typer.Exit(1)
+
+
+def _command(fn):
+    """Every command: an expected failure or Ctrl-C is one line on stderr and a non-zero exit."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LlavaGgufError as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _print_json(obj: dict) -> None:
+    """Every --json output: one single-line JSON object on the last line of stdout."""
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+@_command
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (llava-hf layout)"),
+    outdir: Path = typer.Option(..., "-o", "--outdir", help="output directory (created if needed)"),
+    outtype: str = typer.Option("f16", "--outtype", help="LLM type: f32, f16, bf16, q8_0"),
+    mmproj_type: Optional[str] = typer.Option(None, "--mmproj-type",
+                                              help="mmproj type: f32, f16, q8_0 (default: f32 for --outtype f32, else f16)"),
+    name: Optional[str] = typer.Option(None, "--name", help="file-name stem (default: the source directory's name)"),
+    force: bool = typer.Option(False, "--force", help="replace existing outputs"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line"),
+) -> None:
+    """Write OUTDIR/<name>-<TYPE>.gguf (LLM) and OUTDIR/mmproj-<name>-<TYPE>.gguf (vision tower + projector)."""
+    from .convert import convert_checkpoint
+    from .progress import convert_progress
+
+    try:
+        with convert_progress(enabled=sys.stdout.isatty() and not json_out) as progress:
+            result = convert_checkpoint(src, outdir, outtype=outtype, mmproj_type=mmproj_type, name=name,
+                                        force=force, progress=progress)
+    except LlavaGgufError as e:
+        _fail(e)
+    if json_out:
+        _print_json({"llm": str(result.llm), "mmproj": str(result.mmproj), "family": result.family,
+                     "layout": result.layout, "tensors": result.tensors, "bytes": result.bytes_written})
+    else:
+        typer.echo(f"{result.family} ({result.layout} layout) -> {result.llm}")
+        typer.echo(f"{' ' * len(result.family)}{' ' * (len(result.layout) + 10)} -> {result.mmproj}")
+
+
+@app.command()
+@_command
+def chat(
+    path: Path = typer.Argument(..., help="directory that convert wrote, or an LLM .gguf"),
+    image: Path = typer.Option(..., "--image", help="image file"),
+    prompt: str = typer.Option(..., "--prompt", help="question about the image"),
+    model: Optional[Path] = typer.Option(None, "--model", help="the LLM .gguf, when the directory has several"),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="the mmproj .gguf"),
+    temp: float = typer.Option(0.2, "--temp", help="sampling temperature (0 = greedy)"),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=64, help="context size (default: fits the image)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's logs"),
+) -> None:
+    """Answer one question about an image, streaming the answer."""
+    from .runtime.locate import locate_pair
+    from .runtime.model import LLaVA
+
+    try:
+        llm_path, mmproj_path = locate_pair(path, model, mmproj)
+        with LLaVA(llm_path, mmproj_path, n_ctx=n_ctx, n_threads=threads, seed=seed, verbose=verbose) as m:
+            for piece in m.stream_from_image(image, prompt, temperature=temp, max_tokens=max_tokens, seed=seed):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    except LlavaGgufError as e:
+        _fail(e)
+
+
+@app.command()
+@_command
+def doctor(json_out: bool = typer.Option(False, "--json", help="one JSON line")) -> None:
+    """Versions, the native libraries in use, whether libmtmd carries the LLaVA fix, CPU features."""
+    from .doctor import diagnose
+
+    try:
+        report = diagnose()
+    except LlavaGgufError as e:
+        _fail(e)
+    if json_out:
+        _print_json(report)
+        return
+    for key, value in report.items():
+        if key == "system_info":
+            continue
+        if key == "llava_fix":
+            value = "yes" if value else "NO (image features will not match the reference)"
+        if isinstance(value, list):
+            value = ", ".join(v if isinstance(v, str) else f"{v['name']} ({v['type']})" for v in value)
+        typer.echo(f"{key:20} {value}")
+
+
+@app.command()
+@_command
+def demo(
+    model: Optional[Path] = typer.Option(None, "--model", help="a LLaVA checkpoint directory (default: a tiny built-in one)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="an image to ask about (default: the bundled one)"),
+    prompt: str = typer.Option("What is in the image?", "--prompt"),
+    json_out: bool = typer.Option(False, "--json", help="one JSON line with the results"),
+) -> None:
+    """Build (or reuse) a small LLaVA, convert it, ask one question, and measure the image features
+    against the Hugging Face reference."""
+    from .demo import run_demo
+
+    try:
+        result = run_demo(model, image, prompt, echo=(lambda s: None) if json_out else typer.echo)
+    except LlavaGgufError as e:
+        _fail(e)
+    if json_out:
+        _print_json(result)
+
+
+def _quiet_libraries() -> None:
+    """gguf-py and transformers log warnings about checkpoint quirks they handle; the CLI's output
+    stays ours (llama.cpp's own logs are hidden the same way unless --verbose)."""
+    import logging
+    import os
+
+    if "--verbose" in sys.argv[1:]:
+        return
+    for name in ("gguf", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Our GGUF runtime against Hugging Face transformers fp32, same square image at the model's
+resolution (libmtmd pads non-square images to square where HF's processor centre-crops, so only a
+square image at the model's size is pre-processed identically) and the same token ids."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llava_gguf.reference import image_features, load_hf_model, mean_cosine, pixel_values
+from llava_gguf.tiny import LAYOUT_NAMES, sample_image
+
+N_GREEDY = 12
+
+
+def _prompt_ids(ckpt):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    before = [tok.bos_token_id] + tok.encode("USER: ", add_special_tokens=False)
+    after = tok.encode("\nWhat is in the image? ASSISTANT:", add_special_tokens=False)
+    return before, after
+
+
+def hf_reference(ckpt, image, n_greedy):
+    """Image rows, first-step logits and greedy tokens from transformers (fp32)."""
+    model = load_hf_model(ckpt)
+    pixels = pixel_values(ckpt, image)
+    feats = image_features(model, pixels)
+    before, after = _prompt_ids(ckpt)
+    ids = before + [model.config.image_token_id] * feats.shape[0] + after
+    input_ids = torch.tensor([ids])
+    tokens, first_logits = [], None
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=pixels, use_cache=True)
+        for step in range(n_greedy):
+            logits = out.logits[0, -1].float()
+            if step == 0:
+                first_logits = logits.numpy()
+            nxt = int(logits.argmax())
+            tokens.append(nxt)
+            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return feats, first_logits, tokens, (before, after)
+
+
+def ours(llm, mmproj, image, before, after, n_greedy):
+    from llava_gguf import LLaVA
+
+    with LLaVA(llm, mmproj, n_threads=2) as m:
+        feats = m.embed_image(image)
+        m.reset()
+        m.eval_tokens(before)
+        m.eval_image(image)
+        m.eval_tokens(after)
+        first = m.last_logits()
+        tokens = []
+        logits = first
+        for _ in range(n_greedy):
+            nxt = int(np.argmax(logits))
+            tokens.append(nxt)
+            m.eval_tokens([nxt])
+            logits = m.last_logits()
+    return feats, first, tokens
+
+
+CASES = [(layout, dtype) for layout in LAYOUT_NAMES for dtype in ("float32", "float16", "bfloat16")]
+
+
+@pytest.mark.parametrize("layout,dtype", CASES)
+def test_matches_hugging_face(tiny, converted, layout, dtype):
+    shards = 3 if layout == "transformers-4.52" else 1
+    ckpt = tiny(layout=layout, dtype=dtype, shards=shards)
+    outtype = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
+    llm, mmproj = converted(ckpt, outtype)
+    image = sample_image(112, seed=3)
+    ref_feats, ref_logits, ref_tokens, (before, after) = hf_reference(ckpt, image, N_GREEDY)
+    feats, logits, tokens = ours(llm, mmproj, image, before, after, N_GREEDY)
+    cosine = mean_cosine(feats, ref_feats)
+    print(f"{layout} {dtype} -> {outtype}: image cosine {cosine:.7f}")
+    assert feats.shape == ref_feats.shape == (64, 256)
+    if outtype == "f32":
+        assert cosine >= 0.9999
+        assert tokens == ref_tokens
+        scale = float(np.abs(ref_logits).max())
+        assert np.abs(logits - ref_logits).max() <= 2e-3 * scale
+    else:
+        assert cosine >= 0.999
+        assert int(np.argmax(logits)) == int(np.argmax(ref_logits))
+
+
+def test_stock_libmtmd_shows_the_defect(tiny, converted):
+    """The same file through the unpatched libmtmd (upstream #25814): proof our patch makes the difference."""
+    ckpt = tiny()
+    llm, mmproj = converted(ckpt, "f32")
+    image = sample_image(112, seed=3)
+    ref = image_features(load_hf_model(ckpt), pixel_values(ckpt, image))
+    np.save(os.path.join(os.path.dirname(llm), "ref.npy"), ref)
+    code = (
+        "import json, sys, numpy as np\n"
+        "from llava_gguf import LLaVA\n"
+        "from llava_gguf.reference import mean_cosine\n"
+        "from llava_gguf.tiny import sample_image\n"
+        f"m = LLaVA({str(llm)!r}, {str(mmproj)!r})\n"
+        "e = m.embed_image(sample_image(112, seed=3))\n"
+        f"print(json.dumps({{'cos': mean_cosine(e, np.load({os.path.join(os.path.dirname(llm), 'ref.npy')!r}))}}))\n")
+    cos = {}
+    for variant in ("stock", "fixed"):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "LLAVA_GGUF_MTMD": variant}, timeout=120)
+        assert p.returncode == 0, p.stderr
+        cos[variant] = json.loads(p.stdout.strip().splitlines()[-1])["cos"]
+    print(cos)
+    assert cos["stock"] < 0.99
+    assert cos["fixed"] >= 0.9999

@@ -1,0 +1,62 @@
+"""Our LLM file against what llama.cpp's own convert_hf_to_gguf.py (from the same sdist) writes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+
+def _sdist() -> Path:
+    path = os.environ.get("LLAVA_GGUF_SDIST") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llava-gguf",
+        "llama_cpp_python-0.3.36.tar.gz")
+    if not os.path.isfile(path):
+        pytest.fail(f"the llama-cpp-python sdist is not at {path} (bin/test's set-up fetches it)")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter(workdir) -> Path:
+    dest = workdir / "llama-cpp-converter"
+    if not (dest / "convert_hf_to_gguf.py").is_file():
+        prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+        with tarfile.open(_sdist()) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
+                m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith(
+                    (prefix + "conversion/", prefix + "gguf-py/")))]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(dest, members=members, filter="data")
+    return dest / "convert_hf_to_gguf.py"
+
+
+def _fields(r: gguf.GGUFReader) -> dict:
+    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("dtype,outtype", [("float16", "f16"), ("float32", "f32"), ("bfloat16", "bf16")])
+def test_llm_gguf_matches_llama_cpp(tiny, converted, llama_cpp_converter, workdir, dtype, outtype):
+    ckpt = tiny(layout="transformers<4.52", dtype=dtype)
+    ours, _ = converted(ckpt, outtype)
+    theirs = workdir / f"llama-cpp-{dtype}.gguf"
+    p = subprocess.run([sys.executable, str(llama_cpp_converter), str(ckpt), "--outtype", outtype,
+                        "--outfile", str(theirs)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    ta = {t.name: (tuple(t.shape), t.tensor_type) for t in a.tensors}
+    tb = {t.name: (tuple(t.shape), t.tensor_type) for t in b.tensors}
+    assert ta == tb
+    for t in b.tensors:
+        mine = next(x for x in a.tensors if x.name == t.name)
+        assert np.array_equal(np.asarray(mine.data).view(np.uint8), np.asarray(t.data).view(np.uint8)), t.name
+    fa, fb = _fields(a), _fields(b)
+    # general.* naming metadata is derived from the directory name and may legitimately differ
+    keys = {k for k in fb if not k.startswith("general.") or k in ("general.architecture", "general.file_type",
+                                                                   "general.type", "general.quantization_version")}
+    assert {k: fa.get(k) for k in keys} == {k: fb[k] for k in keys}
