@@ -117,3 +117,46 @@ def test_stock_libmtmd_shows_the_defect(tiny, converted):
     print(cos)
     assert cos["stock"] < 0.99
     assert cos["fixed"] >= 0.9999
+
+
+GEOMETRIES = [
+    # any CLIP geometry: image size, patch size, depth, width, heads, feature layer
+    dict(image_size=224, patch_size=16, vision_hidden=128, vision_layers=5, vision_heads=8),
+    dict(image_size=84, patch_size=14, vision_hidden=96, vision_layers=4, vision_heads=6, feature_layer=-1),
+    dict(image_size=112, patch_size=14, vision_layers=4, feature_layer=2),
+    dict(text_kv_heads=4, text_layers=3),  # multi-head (no GQA) text model
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "-".join(f"{k}{v}" for k, v in g.items()))
+def test_any_clip_geometry(tiny, converted, geometry):
+    ckpt = tiny(**geometry)
+    llm, mmproj = converted(ckpt, "f32")
+    size = geometry.get("image_size", 112)
+    image = sample_image(size, seed=4)
+    ref_feats, ref_logits, ref_tokens, (before, after) = hf_reference(ckpt, image, 4)
+    feats, logits, tokens = ours(llm, mmproj, image, before, after, 4)
+    n = (size // geometry.get("patch_size", 14)) ** 2
+    assert feats.shape == ref_feats.shape == (n, 256)
+    assert mean_cosine(feats, ref_feats) >= 0.9999
+    assert tokens == ref_tokens
+
+
+def test_q8_0_files(tiny, converted):
+    """--outtype q8_0 --mmproj-type q8_0: the files load, the mmproj stays close to the f32 reference."""
+    import gguf
+
+    ckpt = tiny()
+    llm, mmproj = converted(ckpt, "q8_0", "q8_0")
+    r = gguf.GGUFReader(llm)
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    m = {t.name: t.tensor_type for t in gguf.GGUFReader(mmproj).tensors}
+    assert m["v.blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert m["v.position_embd.weight"] == gguf.GGMLQuantizationType.F32
+    image = sample_image(112, seed=3)
+    ref_feats, ref_logits, _, (before, after) = hf_reference(ckpt, image, 1)
+    feats, logits, _ = ours(llm, mmproj, image, before, after, 1)
+    assert mean_cosine(feats, ref_feats) >= 0.99
