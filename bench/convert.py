@@ -6,8 +6,10 @@ Builds (once, reused) a llava-hf-layout checkpoint with random f16 weights at th
   2. our `llava-gguf convert --outtype f16` (LLM + mmproj, fsynced);
   3. llama.cpp's convert_hf_to_gguf.py --outtype f16 (LLM only) from the pinned sdist, + `sync`.
 Wall time and peak RSS (GNU time's %M) for each; every output is deleted once timed. Page cache:
-warm — the checkpoint is read once (to /dev/null) before each run, so all runs read from memory and
-differ only in what they compute and write; each run's writes are flushed to disk inside its time.
+warm — the checkpoint is read once (to /dev/null) and everything is synced before each run, so all runs
+read from memory and differ only in what they compute and write; each run's writes are flushed to disk
+inside its time. With --runs N the runs go round-robin (copy, ours, llama.cpp, copy, ...) and the
+best of each is reported.
 
     .venv/bin/python bench/convert.py [--workdir DIR] [--runs N]
 
@@ -171,7 +173,7 @@ def llama_cpp_converter(workdir: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("LLAVA_GGUF_BENCH_DIR", "/tmp/llava-gguf-bench")))
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -192,21 +194,22 @@ def main() -> None:
                                                                     f"{ckpt} --outtype f16 --outfile {out}/ref.gguf "
                                                                     ">/dev/null 2>&1 && sync"],
     }
-    results = {}
-    for label, cmd in runs.items():
-        best = None
-        for _ in range(args.runs):
+    results: dict[str, tuple[float, int, int]] = {}
+    for _ in range(args.runs):
+        for label, cmd in runs.items():
+            best = results.get(label)
             shutil.rmtree(out, ignore_errors=True)
             warm(ckpt)
+            os.sync()  # no earlier run's dirty pages may be flushed inside this run's time
+            time.sleep(2)
             wall, rss, rc = peak_rss_run(cmd)
             if rc != 0:
                 sys.exit(f"{label} failed with exit code {rc}")
             written = sum(f.stat().st_size for f in out.iterdir())
             shutil.rmtree(out, ignore_errors=True)
+            print(f"{label:60} {wall:7.1f} s  {rss / 1024:7.0f} MB peak RSS  {written / 1e9:5.1f} GB written", flush=True)
             if best is None or wall < best[0]:
-                best = (wall, rss, written)
-        results[label] = best
-        print(f"{label:60} {best[0]:7.1f} s  {best[1] / 1024:7.0f} MB peak RSS  {best[2] / 1e9:5.1f} GB written", flush=True)
+                results[label] = (wall, max(rss, best[1]) if best else rss, written)
     copy = results["copy (cp + sync)"][0]
     ours = results["llava-gguf convert --outtype f16 (LLM + mmproj)"][0]
     theirs = results["llama.cpp convert_hf_to_gguf.py --outtype f16 (LLM only)"][0]
@@ -215,10 +218,10 @@ def main() -> None:
         rows.append(f"| {label} | {wall:.1f} s | {rss / 1024:.0f} MB | {written / 1e9:.1f} GB | "
                     f"{wall / copy:.2f}x | {wall / theirs:.2f}x |")
     table = "\n".join(rows)
-    cmd = "python bench/convert.py" + (f" --runs {args.runs}" if args.runs != 1 else "")
+    cmd = "python bench/convert.py" + (f" --runs {args.runs}" if args.runs != 2 else "")
     body = (f"LLaVA-1.5-7B geometry, random f16 weights, {size / 1e9:.1f} GB in 3 shards; {os.cpu_count()} cores; "
             f"warm page cache (checkpoint read once before each run), writes flushed inside each run's time; "
-            f"best of {args.runs}.\n\n{table}\n\n"
+            f"best of {args.runs} round-robin runs (peak RSS: the highest seen).\n\n{table}\n\n"
             f"Ours is {theirs / ours:.2f}x faster than llama.cpp's converter while also writing the mmproj, "
             f"and {ours / copy:.2f}x the time of a plain copy.\n\nCommand: `{cmd}` ({time.strftime('%Y-%m-%d')})")
     if not args.no_doc:

@@ -158,13 +158,36 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _click_exceptions():
+    """typer >= 0.17 carries its own copy of click; older ones use click itself."""
+    try:
+        from typer._click import exceptions as cx
+        from typer.exceptions import Abort
+    except ImportError:  # pragma: no cover - depends on the typer version
+        from click import exceptions as cx
+        from click.exceptions import Abort
+    return cx, Abort
+
+
 def main() -> None:
+    cx, Abort = _click_exceptions()
     _quiet_libraries()
     try:
-        app()
-    except KeyboardInterrupt:
+        rv = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError:
+        raise SystemExit(0) from None  # the help has been shown
+    except cx.UsageError as e:
+        # click's usage errors span several lines; ours are one, like every other error
+        where = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
+        typer.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+        raise SystemExit(2) from None
+    except cx.ClickException as e:
+        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        raise SystemExit(e.exit_code) from None
+    except (KeyboardInterrupt, Abort):
         typer.echo("error: interrupted", err=True)
         raise SystemExit(130) from None
+    raise SystemExit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

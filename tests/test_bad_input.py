@@ -159,3 +159,13 @@ def test_interrupted_conversion_leaves_nothing(tiny, tmp_path):
 def test_bad_outtype(tiny, tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(run_cli("convert", str(tiny()), "-o", str(out), "--outtype", "q3_x"), out, "outtype")
+
+
+@pytest.mark.parametrize("args,words", [
+    (("convert",), ("missing argument",)),
+    (("convert", "/tmp", "-o"), ("requires an argument",)),
+    (("frobnicate",), ("no such command",)),
+])
+def test_usage_errors_are_one_line(args, words, tmp_path):
+    p = run_cli(*args)
+    assert_clean_failure(p, tmp_path / "none", *words)

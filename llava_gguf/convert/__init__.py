@@ -11,6 +11,7 @@ from ..errors import LlavaGgufError
 from ..outputs import atomic_outputs
 from .checkpoint import Checkpoint, TensorRef, read_checkpoint
 from .families import Family, KeyLayout, detect_layout, find_family
+from .hparams import resolve_llava
 from .llm import OUTTYPES, build_llm, type_label
 from .mmproj import MMPROJ_TYPES, build_mmproj
 
@@ -38,25 +39,6 @@ class Progress:
 
 def output_names(name: str, outtype: str, mmproj_type: str) -> tuple[str, str]:
     return f"{name}-{type_label(outtype)}.gguf", f"mmproj-{name}-{type_label(mmproj_type)}.gguf"
-
-
-def _resolved_configs(src: Path, raw: dict) -> tuple[dict, dict, dict]:
-    """Root, text and vision configs with transformers' defaults filled in (llava-hf configs list
-    only what differs from LlamaConfig/CLIPVisionConfig defaults), as llama.cpp's converter does."""
-    from transformers import AutoConfig
-
-    try:
-        cfg = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for a config it cannot read
-        raise LlavaGgufError(f"transformers cannot read {src / 'config.json'}: {str(e).splitlines()[0][:300]}",
-                             "the config is corrupt or from an unsupported model") from None
-    root = cfg.to_dict()
-    text = getattr(cfg, "text_config", None)
-    vision = getattr(cfg, "vision_config", None)
-    if text is None or vision is None:
-        raise LlavaGgufError("config.json lacks text_config or vision_config", "is this a LLaVA checkpoint?")
-    text_d = {**root, **text.to_dict()}
-    return root, text_d, vision.to_dict()
 
 
 def _split(ck: Checkpoint, layout: KeyLayout) -> tuple[dict[str, TensorRef], dict[str, TensorRef], dict[str, TensorRef]]:
@@ -92,7 +74,7 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     if not re.fullmatch(r"[^/\\\x00]+", name) or name in (".", ".."):
         raise LlavaGgufError(f"--name {name!r} is not usable in a file name")
     layout = detect_layout(family, list(ck.tensors))
-    root, text_hp, vision_hp = _resolved_configs(src, ck.config)
+    root, text_hp, vision_hp = resolve_llava(ck.config)
     text, vision, proj = _split(ck, layout)
     # the mmproj first: its checks (feature layer, strategy, activations) need no tokenizer work
     mm = build_mmproj(family, root, vision_hp, int(text_hp["hidden_size"]), vision, proj, src, mmproj_type, name)

@@ -101,7 +101,7 @@ def add_llm_metadata(w: gguf.GGUFWriter, hp: dict, src: Path, outtype: str, mode
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     elif rope_type not in (None, "default"):
         raise LlavaGgufError(f"unsupported RoPE scaling {rope_type!r} in the text model")
-    rope_theta = rope.get("rope_theta", hp.get("rope_theta"))
+    rope_theta = hp.get("rope_theta", rope.get("rope_theta"))
     if rope_theta is not None:
         w.add_rope_freq_base(float(rope_theta))
     if (eps := hp.get("rms_norm_eps")) is not None:
