@@ -14,14 +14,18 @@ def free_gb(path: Path) -> float:
     return shutil.disk_usage(path).free / 1e9
 
 
-def peak_rss_run(cmd: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS in KiB of the command's largest process, exit code) via GNU time."""
+def peak_rss_run(cmd: list[str]) -> tuple[float, int, int, float]:
+    """(wall seconds, peak RSS in KiB of the command's largest process, exit code, CPU seconds
+    user+system) via GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         t0 = time.perf_counter()
-        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf.name, *cmd])
+        p = subprocess.run(["/usr/bin/time", "-f", "RESULT %M %U %S", "-o", tf.name, *cmd])
         wall = time.perf_counter() - t0
-        lines = [ln for ln in Path(tf.name).read_text().splitlines() if ln.strip().isdigit()]
-    return wall, int(lines[-1]) if lines else -1, p.returncode
+        lines = [ln.split() for ln in Path(tf.name).read_text().splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        return wall, -1, p.returncode, -1.0
+    _, rss, user, system = lines[-1]
+    return wall, int(rss), p.returncode, float(user) + float(system)
 
 
 def update_doc(doc: Path, key: str, title: str, body: str) -> None:

@@ -14,7 +14,7 @@ def load_hf_model(checkpoint: Path | str):
     return model.eval()
 
 
-def pixel_values(checkpoint: Path | str, image) -> "np.ndarray":
+def pixel_values(checkpoint: Path | str, image):
     """HF's pre-processing with its PIL image processor (torchvision is not needed)."""
     from transformers.models.clip import CLIPImageProcessorPil
 

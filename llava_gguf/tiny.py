@@ -24,6 +24,7 @@ class TinySpec:
     layout: str = "transformers-5"
     dtype: str = "float32"  # float32 | float16 | bfloat16
     shards: int = 1
+    weights_format: str = "safetensors"  # or "bin" (torch.save pickles, as older checkpoints ship)
     image_size: int = 112
     patch_size: int = 14
     vision_hidden: int = 64
@@ -156,18 +157,27 @@ def save_checkpoint(model, out: Path, spec: TinySpec) -> None:
     cfg["torch_dtype"] = cfg["dtype"] = spec.dtype
     cfg["architectures"] = ["LlavaForConditionalGeneration"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    binary = spec.weights_format == "bin"
+
+    def save(tensors: dict, path: Path) -> None:
+        if binary:
+            torch.save(tensors, str(path))
+        else:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+
     if spec.shards <= 1:
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save(state, out / ("pytorch_model.bin" if binary else "model.safetensors"))
         return
     per = -(-len(names) // spec.shards)
     weight_map = {}
+    stem, ext = ("pytorch_model", "bin") if binary else ("model", "safetensors")
     for i in range(spec.shards):
         part = names[i * per:(i + 1) * per]
-        fname = f"model-{i + 1:05d}-of-{spec.shards:05d}.safetensors"
-        save_file({n: state[n] for n in part}, str(out / fname), metadata={"format": "pt"})
+        fname = f"{stem}-{i + 1:05d}-of-{spec.shards:05d}.{ext}"
+        save({n: state[n] for n in part}, out / fname)
         weight_map.update({n: fname for n in part})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / "model.safetensors.index.json").write_text(
+    (out / f"{stem}.{ext}.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 

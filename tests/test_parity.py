@@ -160,3 +160,15 @@ def test_q8_0_files(tiny, converted):
     ref_feats, ref_logits, _, (before, after) = hf_reference(ckpt, image, 1)
     feats, logits, _ = ours(llm, mmproj, image, before, after, 1)
     assert mean_cosine(feats, ref_feats) >= 0.99
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_pytorch_bin_checkpoints(tiny, converted, shards):
+    """pytorch_model.bin (single, or sharded with an index), read with torch.load(weights_only=True, mmap=True)."""
+    ckpt = tiny(layout="transformers<4.52", dtype="float16", weights_format="bin", shards=shards)
+    llm, mmproj = converted(ckpt, "f16")
+    image = sample_image(112, seed=3)
+    ref_feats, ref_logits, _, (before, after) = hf_reference(ckpt, image, 1)
+    feats, logits, _ = ours(llm, mmproj, image, before, after, 1)
+    assert mean_cosine(feats, ref_feats) >= 0.999
+    assert int(np.argmax(logits)) == int(np.argmax(ref_logits))

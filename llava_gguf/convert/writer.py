@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,38 +82,6 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int, on_bytes: Cal
         on_bytes(n)
 
 
-class _Writeback:
-    """Start writeback of each output as it grows (Linux sync_file_range, SYNC_FILE_RANGE_WRITE),
-    instead of letting GBs of dirty pages wait for the kernel's flusher: the disk is busy from the
-    first window on, and the final fsync has little left to do. A no-op where unavailable."""
-
-    WINDOW = 256 * 2**20
-
-    def __init__(self) -> None:
-        self._fn = None
-        self._done: dict[int, int] = {}
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-                import ctypes.util
-
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                fn = libc.sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                self._fn = fn
-            except (OSError, AttributeError):
-                self._fn = None
-
-    def wrote(self, fd: int, end: int) -> None:
-        if self._fn is None:
-            return
-        start = self._done.get(fd, 0)
-        if end - start >= self.WINDOW:
-            self._fn(fd, start, end - start, 2)  # SYNC_FILE_RANGE_WRITE: start, don't wait
-            self._done[fd] = end
-
-
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
@@ -172,7 +139,6 @@ class TensorStream:
                     pos += gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT)
             # Source order (file, offset): sequential reads, whichever output a tensor goes to.
             jobs.sort(key=lambda j: (str(j[0].source.file), j[0].source.offset))
-            writeback = _Writeback()
             for t, fd, pos in jobs:
                 os.lseek(fd, pos, os.SEEK_SET)
                 if t.is_raw_copy:
@@ -190,7 +156,6 @@ class TensorStream:
                 pad = gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) - t.nbytes
                 if pad:
                     _write_all(fd, memoryview(bytes(pad)))
-                writeback.wrote(fd, pos + t.nbytes + pad)
                 on_tensor(t.name)
         finally:
             for fd in fds:

@@ -301,7 +301,7 @@ class LLaVA:
         n = 0
         for token in llm.generate(prompt_ids, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
                                   repeat_penalty=s.repeat_penalty, reset=True):
-            if self._lc.llama_token_is_eog(llm._model.vocab, token) or n >= s.max_tokens:
+            if self._lc.llama_vocab_is_eog(llm._model.vocab, token) or n >= s.max_tokens:
                 break
             n += 1
             out += llm.detokenize([token], prev_tokens=None)
