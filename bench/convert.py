@@ -225,11 +225,12 @@ def main() -> None:
             f"best of {args.runs} round-robin runs (peak RSS: the highest seen).\n\n{table}\n\n"
             f"Wall time: ours is {ours / theirs:.2f}x llama.cpp's converter (which writes only the LLM) and "
             f"{ours / copy:.2f}x a plain copy. CPU time: ours {cpu_ours:.1f} s, llama.cpp's {cpu_theirs:.1f} s. "
-            f"On this VM even `cp` spends almost all of its wall time as system CPU time: moving pages "
-            f"through the page cache (~{size / copy / 1e6:.0f} MB/s) is the limit, so the converters differ "
-            f"by the bytes they write and the work they add on top (llama.cpp: numpy through a lazy "
-            f"tensor graph; ours: kernel-side copies, only q/k permuted in Python). Runs vary by 10-30% "
-            f"between repetitions here; the table keeps each one's best.\n\n"
+            f"Why: on this VM moving pages through the page cache is the limit — even `cp` spends almost "
+            f"all its wall time as system CPU time (~{size / copy / 1e6:.0f} MB/s). Our writer stages "
+            f"tensors in a page-aligned buffer and writes it with O_DIRECT, so the data goes from that "
+            f"buffer to the disk without being copied into the cache; llama.cpp's converter writes "
+            f"through numpy and the page cache. Runs vary by 10-30% between repetitions here; the table "
+            f"keeps each one's best.\n\n"
             f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')})")
     if not args.no_doc:
         update_doc(ROOT / "docs" / "benchmarks.md", "convert", "Conversion (convert)", body)

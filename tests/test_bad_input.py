@@ -144,7 +144,7 @@ def test_interrupted_conversion_leaves_nothing(tiny, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline:
         partials = list(out.glob("*.partial")) if out.exists() else []
-        if partials and all(p.stat().st_size > 4096 for p in partials):
+        if len(partials) == 2 and any(p.stat().st_size > 2**20 for p in partials):  # tensors are being written
             break
         if proc.poll() is not None:
             pytest.fail("conversion finished before it could be interrupted: " + proc.stderr.read())

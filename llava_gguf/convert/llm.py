@@ -121,7 +121,6 @@ def build_llm(hp: dict, text_tensors: dict[str, TensorRef], src: Path, outtype: 
     if hp.get("model_type", "llama") not in ("llama", "mistral"):
         raise LlavaGgufError(f"unsupported text model type {hp.get('model_type')!r}", "supported: llama")
     gg = StreamingGGUF(gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    for t in plan_llm(hp, text_tensors, outtype):
-        gg.add(t)
+    gg.add_all(plan_llm(hp, text_tensors, outtype))
     add_llm_metadata(gg.kv, hp, src, outtype, model_name, default_chat_template)
     return gg

@@ -130,8 +130,7 @@ def build_mmproj(family: Family, cfg: dict, vcfg: dict, text_hidden: int, vision
     ftype, _ = MMPROJ_TYPES[mmproj_type]
     mean, std = image_norm(src)
     gg = StreamingGGUF("clip")
-    for t in planned:
-        gg.add(t)
+    gg.add_all(planned)
     w = gg.kv
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(model_name)

@@ -1,8 +1,9 @@
 """Streaming GGUF writer: gguf-py writes the header, key-values and tensor infos; tensor data is
-then streamed one tensor at a time. Tensors that need no change are copied file-to-file with
-`os.copy_file_range` (the kernel moves the bytes; nothing is mapped into this process), everything
-else is read, transformed and written, then dropped. gguf-py's own writer wants every tensor (or a
-lazy graph of it) registered up front and writes through numpy, which is what we avoid here."""
+then streamed one tensor at a time, in source order, through a small page-aligned staging buffer
+written with O_DIRECT where the file system allows it. Tensors that need no change are read
+straight into that buffer; the rest are read, transformed, staged, and dropped. gguf-py's own writer
+wants every tensor (or a lazy graph of it) registered up front and writes through numpy and the page
+cache, which is what we avoid here."""
 from __future__ import annotations
 
 import errno
@@ -17,7 +18,6 @@ import numpy as np
 from .checkpoint import TensorRef
 
 QType = gguf.GGMLQuantizationType
-_COPY_CHUNK = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class PlannedTensor:
 
     @property
     def is_raw_copy(self) -> bool:
+        """Bytes on disk are already the output bytes: no transform, same type, a plain file range."""
         return (self.transform is None and self.source.is_raw_range
                 and _SOURCE_QTYPE.get(self.source.dtype) == self.qtype)
 
@@ -58,36 +59,6 @@ def can_quantize(shape: tuple[int, ...], qtype: QType) -> bool:
     return shape[-1] % block == 0
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int, on_bytes: Callable[[int], None]) -> None:
-    use_cfr = hasattr(os, "copy_file_range")
-    while count > 0:
-        n = 0
-        if use_cfr:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, min(count, _COPY_CHUNK), offset)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
-                    raise
-                use_cfr = False
-                continue
-        else:
-            buf = os.pread(src_fd, min(count, _COPY_CHUNK), offset)
-            n = len(buf)
-            if n:
-                os.write(dst_fd, buf)  # regular files: a full write or an exception
-        if n <= 0:
-            raise EOFError("source file ended early")
-        offset += n
-        count -= n
-        on_bytes(n)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        n = os.write(fd, data)
-        data = data[n:]
-
-
 class StreamingGGUF:
     """Collects key-values (through the gguf-py writer it exposes as `.kv`) and planned tensors,
     then writes everything to one path in a single pass over the tensors."""
@@ -96,9 +67,11 @@ class StreamingGGUF:
         self.kv = gguf.GGUFWriter(path=None, arch=arch)
         self.tensors: list[PlannedTensor] = []
 
-    def add(self, t: PlannedTensor) -> None:
-        self.tensors.append(t)
-        self.kv.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    def add_all(self, planned: list[PlannedTensor]) -> None:
+        """Register tensors in source order, which is also the order they are laid out in the file."""
+        for t in sorted(planned, key=source_key):
+            self.tensors.append(t)
+            self.kv.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
 
     @property
     def data_bytes(self) -> int:
@@ -118,47 +91,157 @@ class StreamingGGUF:
         return start
 
 
+def source_key(t: PlannedTensor) -> tuple[str, int]:
+    return str(t.source.file), t.source.offset
+
+
+_ALIGN = 4096  # O_DIRECT: offsets, lengths and buffer addresses in whole blocks (4 KiB covers 512 B disks)
+
+
+class _Sink:
+    """Sequential writer of one output file through a page-aligned staging buffer.
+
+    With O_DIRECT the staged blocks go from our buffer to the disk without passing through the page
+    cache: on the machines we measured, copying pages into the cache (what `cp`, copy_file_range and
+    every buffered writer pay) ran at 250-800 MB/s while direct writes ran at ~1.2 GB/s. Where
+    O_DIRECT is refused (tmpfs, some network file systems, macOS) the same buffer is written with
+    plain write(2)."""
+
+    def __init__(self, path: Path, header_len: int, size: int, staging: int = 32 * 2**20) -> None:
+        import mmap
+
+        self.path, self.size = path, size
+        with open(path, "rb") as f:
+            header = f.read(header_len)
+        self.fd, self.direct = self._open(path)
+        self.buf = mmap.mmap(-1, staging)
+        self.view = memoryview(self.buf)
+        self.fill = 0  # bytes staged
+        self.file_pos = 0  # bytes of the file already written (a multiple of _ALIGN while direct)
+        self.put(memoryview(header))
+
+    @staticmethod
+    def _open(path: Path) -> tuple[int, bool]:
+        flag = getattr(os, "O_DIRECT", 0)
+        if flag:
+            try:
+                return os.open(path, os.O_WRONLY | flag), True
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+        return os.open(path, os.O_WRONLY), False
+
+    @property
+    def position(self) -> int:
+        return self.file_pos + self.fill
+
+    def _flush(self, final: bool = False) -> None:
+        n = self.fill if not self.direct else (self.fill if final else self.fill - self.fill % _ALIGN)
+        if n == 0:
+            return
+        length = -(-n // _ALIGN) * _ALIGN if self.direct else n
+        if length > n:
+            self.view[n:length] = bytes(length - n)
+        try:
+            done = 0
+            while done < length:
+                done += os.pwritev(self.fd, [self.view[done:length]], self.file_pos + done)
+        except OSError as e:
+            if not self.direct or e.errno != errno.EINVAL:
+                raise
+            # the file system took O_DIRECT at open but not the write: go on buffered
+            os.close(self.fd)
+            self.fd, self.direct = os.open(self.path, os.O_WRONLY), False
+            return self._flush(final)
+        rest = self.fill - n
+        if rest:
+            self.view[:rest] = self.view[n:self.fill]
+        self.file_pos += n
+        self.fill = rest
+
+    def put(self, data: memoryview) -> None:
+        while data:
+            take = min(len(data), len(self.buf) - self.fill)
+            self.view[self.fill:self.fill + take] = data[:take]
+            self.fill += take
+            data = data[take:]
+            if self.fill == len(self.buf):
+                self._flush()
+
+    def read_from(self, src_fd: int, offset: int, count: int, on_bytes: Callable[[int], None]) -> None:
+        while count > 0:
+            room = len(self.buf) - self.fill
+            n = os.preadv(src_fd, [self.view[self.fill:self.fill + min(room, count)]], offset)
+            if n <= 0:
+                raise EOFError("source file ended early")
+            self.fill += n
+            offset += n
+            count -= n
+            on_bytes(n)
+            if self.fill == len(self.buf):
+                self._flush()
+
+    def close(self) -> None:
+        try:
+            self._flush(final=True)
+            os.ftruncate(self.fd, self.size)  # drop the last block's padding
+        finally:
+            os.close(self.fd)
+            self.view.release()
+            self.buf.close()
+
+
 class TensorStream:
-    """Writes the planned tensors of several StreamingGGUF files, interleaved in source order."""
+    """Writes the planned tensors of several StreamingGGUF files in one pass over the sources, in
+    source order (file, offset): every output's tensors are laid out in that order too (see
+    StreamingGGUF.add_all), so each output is written strictly sequentially."""
 
     def __init__(self, outputs: list[tuple[StreamingGGUF, Path]]) -> None:
         self.outputs = outputs
 
     def run(self, on_bytes: Callable[[int], None], on_tensor: Callable[[str], None]) -> None:
-        fds: list[int] = []
+        sinks: list[_Sink] = []
         src_fds: dict[Path, int] = {}
+        align = gguf.GGUF_DEFAULT_ALIGNMENT
         try:
             jobs = []
             for gg, path in self.outputs:
                 start = gg.write_header(path)
-                fd = os.open(path, os.O_WRONLY)
-                fds.append(fd)
+                size = start + sum(gguf.GGUFWriter.ggml_pad(t.nbytes, align) for t in gg.tensors)
+                sink = _Sink(path, start, size)
+                sinks.append(sink)
                 pos = start
                 for t in gg.tensors:
-                    jobs.append((t, fd, pos))
-                    pos += gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT)
-            # Source order (file, offset): sequential reads, whichever output a tensor goes to.
-            jobs.sort(key=lambda j: (str(j[0].source.file), j[0].source.offset))
-            for t, fd, pos in jobs:
-                os.lseek(fd, pos, os.SEEK_SET)
+                    jobs.append((t, sink, pos))
+                    pos += gguf.GGUFWriter.ggml_pad(t.nbytes, align)
+            jobs.sort(key=lambda j: source_key(j[0]))
+            for t, sink, pos in jobs:
+                if sink.position != pos:
+                    raise AssertionError(f"{t.name}: output order differs from source order")
                 if t.is_raw_copy:
                     src = src_fds.get(t.source.file)
                     if src is None:
                         src = src_fds[t.source.file] = os.open(t.source.file, os.O_RDONLY)
-                    _copy_range(src, fd, t.source.offset, t.nbytes, on_bytes)
+                    sink.read_from(src, t.source.offset, t.nbytes, on_bytes)
                 else:
                     data = t.data()
                     if data.nbytes != t.nbytes:
                         raise AssertionError(f"{t.name}: planned {t.nbytes} bytes, produced {data.nbytes}")
-                    _write_all(fd, memoryview(data).cast("B"))
+                    sink.put(memoryview(data).cast("B"))
                     on_bytes(t.nbytes)
                     del data
-                pad = gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) - t.nbytes
+                pad = gguf.GGUFWriter.ggml_pad(t.nbytes, align) - t.nbytes
                 if pad:
-                    _write_all(fd, memoryview(bytes(pad)))
+                    sink.put(memoryview(bytes(pad)))
                 on_tensor(t.name)
+            for sink in sinks:
+                sink.close()
+            sinks.clear()
         finally:
-            for fd in fds:
-                os.close(fd)
+            for sink in sinks:
+                try:
+                    os.close(sink.fd)
+                except OSError:
+                    pass
             for fd in src_fds.values():
                 os.close(fd)
