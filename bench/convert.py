@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_gb, peak_rss_run, update_doc  # noqa: E402
+from llava_gguf.reference import llama_cpp_converter  # noqa: E402
 
 # llava-hf/llava-1.5-7b-hf geometry
 TEXT = dict(hidden=4096, ff=11008, layers=32, heads=32, vocab=32064)
@@ -152,23 +152,6 @@ def warm(ckpt: Path) -> None:
                 pass
 
 
-def llama_cpp_converter(workdir: Path) -> Path:
-    from llava_gguf.demo import cache_dir
-
-    dest = workdir / "llama-cpp-converter"
-    script = dest / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        sdist = Path(os.environ.get("LLAVA_GGUF_SDIST") or cache_dir() / "llama_cpp_python-0.3.36.tar.gz")
-        prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name == prefix + "convert_hf_to_gguf.py"
-                       or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/"))]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(dest, members=members, filter="data")
-    return script
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("LLAVA_GGUF_BENCH_DIR", "/tmp/llava-gguf-bench")))
@@ -182,7 +165,7 @@ def main() -> None:
         sys.exit(f"need ~{need + 15} GB free in {args.workdir}, have {free_gb(args.workdir):.0f} GB")
     print("checkpoint:", build_checkpoint(ckpt), flush=True)
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    script = llama_cpp_converter(args.workdir)
+    script = llama_cpp_converter(args.workdir / "llama-cpp-converter")
     py = sys.executable
     out = args.workdir / "out"
     runs = {

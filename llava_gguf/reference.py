@@ -43,3 +43,37 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     cos = (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1) + 1e-30)
     return float(cos.mean())
+
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
+
+def llama_cpp_sdist() -> Path:
+    """The pinned llama-cpp-python sdist the native build used (fetched by bin/'s set-up or the build)."""
+    import os
+
+    from .demo import cache_dir
+    from .errors import LlavaGgufError
+
+    path = Path(os.environ.get("LLAVA_GGUF_SDIST") or cache_dir() / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz")
+    if not path.is_file():
+        raise LlavaGgufError(f"the llama-cpp-python sdist is not at {path}",
+                             "set LLAVA_GGUF_SDIST, or run ./bin/llava-gguf once to fetch it")
+    return path
+
+
+def llama_cpp_converter(dest: Path) -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py (with its conversion/ and gguf-py/), extracted from the
+    same sdist our native part is built from: the anchor our LLM files are compared against."""
+    import tarfile
+
+    script = Path(dest) / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+        with tarfile.open(llama_cpp_sdist()) as tar:
+            members = [m for m in tar.getmembers() if m.name == prefix + "convert_hf_to_gguf.py"
+                       or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/"))]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(dest, members=members, filter="data")
+    return script

@@ -1,39 +1,20 @@
 """Our LLM file against what llama.cpp's own convert_hf_to_gguf.py (from the same sdist) writes."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-
-def _sdist() -> Path:
-    path = os.environ.get("LLAVA_GGUF_SDIST") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llava-gguf",
-        "llama_cpp_python-0.3.36.tar.gz")
-    if not os.path.isfile(path):
-        pytest.fail(f"the llama-cpp-python sdist is not at {path} (bin/test's set-up fetches it)")
-    return Path(path)
+from llava_gguf.reference import llama_cpp_converter as reference_converter
 
 
 @pytest.fixture(scope="session")
 def llama_cpp_converter(workdir) -> Path:
-    dest = workdir / "llama-cpp-converter"
-    if not (dest / "convert_hf_to_gguf.py").is_file():
-        prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-        with tarfile.open(_sdist()) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
-                m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith(
-                    (prefix + "conversion/", prefix + "gguf-py/")))]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(dest, members=members, filter="data")
-    return dest / "convert_hf_to_gguf.py"
+    return reference_converter(workdir / "llama-cpp-converter")
 
 
 def _fields(r: gguf.GGUFReader) -> dict:
