@@ -14,6 +14,7 @@ from .families import Family, KeyLayout, detect_layout, find_family
 from .hparams import resolve_llava
 from .llm import OUTTYPES, build_llm, type_label
 from .mmproj import MMPROJ_TYPES, build_mmproj
+from .writer import TensorStream
 
 __all__ = ["ConvertResult", "convert_checkpoint", "output_names", "OUTTYPES", "MMPROJ_TYPES"]
 
@@ -81,7 +82,6 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     llm = build_llm(text_hp, text, src, outtype, None, family.default_chat_template)
     llm_name, mm_name = output_names(name, outtype, mmproj_type)
     progress = progress or Progress()
-    from .writer import TensorStream
 
     with atomic_outputs(outdir, [llm_name, mm_name], force=force) as out:
         llm_partial, mm_partial = out.partials
