@@ -77,7 +77,7 @@ def run_demo(model: Path | None, image: Path | None, prompt: str, echo: Callable
     echo(f"image:   {image or DEMO_IMAGE} ({size}x{size})")
     echo(f"prompt:  {prompt}")
     echo(f"answer:  {answer.strip()!r}" + ("  (random weights: noise is expected)" if model is None else ""))
-    echo(f"image-feature cosine vs Hugging Face: {cosine:.6f} ({ours.shape[0]} tokens x {ours.shape[1]})")
+    echo(f"image-feature cosine vs Hugging Face: {cosine:.7f} ({ours.shape[0]} tokens x {ours.shape[1]})")
     if cosine < 0.999:
         raise LlavaGgufError(f"image features differ from the reference (cosine {cosine:.4f})",
                              "run `llava-gguf doctor`: is llava_fix true?")

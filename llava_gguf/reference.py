@@ -9,7 +9,9 @@ import numpy as np
 def load_hf_model(checkpoint: Path | str):
     import torch
     from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model = LlavaForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32)
     return model.eval()
 
