@@ -74,6 +74,33 @@ def convert(
 
 @app.command()
 @_command
+def quantize(
+    src: Optional[Path] = typer.Argument(None, help="a language-model .gguf (e.g. what convert wrote)"),
+    type_name: Optional[str] = typer.Option(None, "--type", help="llama.cpp type, e.g. Q4_K_M (case-insensitive)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="output file (default: <name>-<TYPE>.gguf beside SRC)"),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="accept an already quantized source"),
+    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="keep output.weight unquantized"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    list_types: bool = typer.Option(False, "--list", help="list the types and exit"),
+    verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's logs"),
+) -> None:
+    """Quantize a language-model GGUF with llama.cpp's quantizer (in process)."""
+    from .quantize import QUANT_TYPES, quantize_gguf
+
+    if list_types:
+        for t in QUANT_TYPES:
+            typer.echo(f"{t.name:8} {t.note}" + ("  (needs --imatrix)" if t.needs_imatrix else ""))
+        return
+    if src is None or type_name is None:
+        raise LlavaGgufError("quantize needs SRC and --type", "or --list to see the types")
+    result = quantize_gguf(src, type_name, out, threads=threads, allow_requantize=allow_requantize,
+                           leave_output_tensor=leave_output_tensor, force=force, verbose=verbose)
+    typer.echo(f"{result.type} -> {result.output} ({result.bytes / 1e6:.1f} MB)")
+
+
+@app.command()
+@_command
 def chat(
     path: Path = typer.Argument(..., help="directory that convert wrote, or an LLM .gguf"),
     image: Path = typer.Option(..., "--image", help="image file"),
