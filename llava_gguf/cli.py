@@ -75,7 +75,7 @@ def convert(
 @app.command()
 @_command
 def quantize(
-    src: Optional[Path] = typer.Argument(None, help="a language-model .gguf (e.g. what convert wrote)"),
+    src: Optional[Path] = typer.Argument(None, help="a language-model or mmproj .gguf (e.g. what convert wrote)"),
     type_name: Optional[str] = typer.Option(None, "--type", help="llama.cpp type, e.g. Q4_K_M (case-insensitive)"),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="output file (default: <name>-<TYPE>.gguf beside SRC)"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="accept an already quantized source"),
@@ -85,7 +85,7 @@ def quantize(
     list_types: bool = typer.Option(False, "--list", help="list the types and exit"),
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's logs"),
 ) -> None:
-    """Quantize a language-model GGUF with llama.cpp's quantizer (in process)."""
+    """Quantize a language-model (or mmproj) GGUF with llama.cpp's quantizer, in process."""
     from .quantize import QUANT_TYPES, quantize_gguf
 
     if list_types:

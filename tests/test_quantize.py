@@ -60,7 +60,7 @@ def test_cli_quantize_and_refusals(f16_pair, tmp_path):
     for args, words in [(("--type", "IQ2_XS"), "importance matrix"), (("--type", "Q9_X"), "unknown quantization type")]:
         bad = run_cli("quantize", str(src), *args)
         assert bad.returncode != 0 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    mm = run_cli("quantize", str(mmproj), "--type", "Q4_K_M", "-o", str(tmp_path / "mm.gguf"))
+    mm = run_cli("quantize", str(mmproj), "--type", "Q3_K_S", "-o", str(tmp_path / "mm.gguf"))
     assert mm.returncode != 0 and "mmproj" in mm.stderr and not (tmp_path / "mm.gguf").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-F16.gguf", "m-Q8_0.gguf"]
 
@@ -70,3 +70,24 @@ def test_list_types():
     assert p.returncode == 0
     names = [line.split()[0] for line in p.stdout.splitlines()]
     assert {"Q4_K_M", "Q8_0", "Q5_K_M", "IQ4_XS", "F16", "BF16"} <= set(names)
+
+
+def test_mmproj_quantization(tiny, converted, tmp_path):
+    """A tower of real width (hidden 256): Q8_0 stays close to F16 and is much smaller."""
+    import numpy as np
+
+    from llava_gguf import LLaVA
+    from llava_gguf.reference import mean_cosine
+
+    llm, mmproj = converted(tiny(vision_hidden=256, vision_heads=4), "f16")
+    image = sample_image(112, seed=2)
+    with LLaVA(llm, mmproj) as m:
+        base = m.embed_image(image)
+    for qtype, bound in (("Q8_0", 0.99), ("Q4_K_M", 0.98)):
+        out = quantize_gguf(mmproj, qtype, tmp_path / f"mmproj-{qtype}.gguf").output
+        with LLaVA(llm, out) as m:
+            emb = m.embed_image(image)
+        assert emb.shape == base.shape and np.isfinite(emb).all()
+        assert mean_cosine(emb, base) >= bound
+        if qtype == "Q8_0":
+            assert out.stat().st_size < 0.6 * mmproj.stat().st_size

@@ -60,6 +60,10 @@ QUANT_TYPES: tuple[QuantType, ...] = (
     QuantType("F32", 0, "26.00G @ 7B"),
 )
 
+# mmproj (CLIP) files: llama_model_quantize takes them too; these are the types whose result we have
+# seen load and run in libmtmd (tests: Q8_0 image-embedding cosine >= 0.99 against F16, Q4_K_M >= 0.98).
+MMPROJ_QUANT_TYPES = ("F32", "F16", "Q8_0", "Q4_K_M")
+
 _TYPE_SUFFIX = re.compile(r"-(?:" + "|".join(sorted((t.name for t in QUANT_TYPES), key=len, reverse=True))
                           + r")$", re.IGNORECASE)
 
@@ -87,7 +91,7 @@ class QuantizeResult:
 def quantize_gguf(src: Path | str, type_name: str, out: Path | str | None = None, *, threads: int | None = None,
                   allow_requantize: bool = False, leave_output_tensor: bool = False, force: bool = False,
                   verbose: bool = False) -> QuantizeResult:
-    """Quantize a language-model GGUF to `type_name`; the output appears atomically."""
+    """Quantize a language-model or mmproj GGUF to `type_name`; the output appears atomically."""
     from ..runtime import native
     from ..runtime.model import read_gguf_info
 
@@ -97,8 +101,9 @@ def quantize_gguf(src: Path | str, type_name: str, out: Path | str | None = None
         raise LlavaGgufError(f"{qtype.name} needs an importance matrix, which this version cannot compute yet",
                              "choose a type that does not, such as Q4_K_M (see --list)")
     info = read_gguf_info(src, "model")
-    if info.arch == "clip":
-        raise LlavaGgufError(f"{src} is an mmproj file", "this version quantizes the language model GGUF")
+    if info.arch == "clip" and qtype.name not in MMPROJ_QUANT_TYPES:
+        raise LlavaGgufError(f"{src} is an mmproj file, which is quantized to {', '.join(MMPROJ_QUANT_TYPES)} only",
+                             "other types are not shown to load and run in libmtmd")
     dest = Path(out) if out is not None else output_path(src, qtype)
     if dest.resolve() == src.resolve():
         raise LlavaGgufError(f"the output would replace the source {src}", "choose another name with -o")
