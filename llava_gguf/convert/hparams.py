@@ -56,9 +56,6 @@ def resolve_llava(config: dict) -> tuple[dict, dict, dict]:
     if model_type not in TEXT_DEFAULTS:
         raise LlavaGgufError(f"unsupported text model type {model_type!r}", f"supported: {', '.join(TEXT_DEFAULTS)}")
     text = {**root, **TEXT_DEFAULTS[model_type], **text_cfg, "model_type": model_type}
-    for legacy, key in (("rope_theta", "rope_theta"),):
-        if legacy in text_cfg:
-            text[key] = text_cfg[legacy]
     if text.get("num_key_value_heads") is None:
         text["num_key_value_heads"] = text["num_attention_heads"]
     if text.get("head_dim") is None:

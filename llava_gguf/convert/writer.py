@@ -35,6 +35,11 @@ class PlannedTensor:
         return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype), dtype=np.int64))
 
     @property
+    def padded_nbytes(self) -> int:
+        """Bytes the tensor takes in the file, up to the next GGUF data alignment."""
+        return gguf.GGUFWriter.ggml_pad(self.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT)
+
+    @property
     def is_raw_copy(self) -> bool:
         """Bytes on disk are already the output bytes: no transform, same type, a plain file range."""
         return (self.transform is None and self.source.is_raw_range
@@ -202,18 +207,17 @@ class TensorStream:
     def run(self, on_bytes: Callable[[int], None], on_tensor: Callable[[str], None]) -> None:
         sinks: list[_Sink] = []
         src_fds: dict[Path, int] = {}
-        align = gguf.GGUF_DEFAULT_ALIGNMENT
         try:
             jobs = []
             for gg, path in self.outputs:
                 start = gg.write_header(path)
-                size = start + sum(gguf.GGUFWriter.ggml_pad(t.nbytes, align) for t in gg.tensors)
+                size = start + sum(t.padded_nbytes for t in gg.tensors)
                 sink = _Sink(path, start, size)
                 sinks.append(sink)
                 pos = start
                 for t in gg.tensors:
                     jobs.append((t, sink, pos))
-                    pos += gguf.GGUFWriter.ggml_pad(t.nbytes, align)
+                    pos += t.padded_nbytes
             jobs.sort(key=lambda j: source_key(j[0]))
             for t, sink, pos in jobs:
                 if sink.position != pos:
@@ -230,18 +234,14 @@ class TensorStream:
                     sink.put(memoryview(data).cast("B"))
                     on_bytes(t.nbytes)
                     del data
-                pad = gguf.GGUFWriter.ggml_pad(t.nbytes, align) - t.nbytes
+                pad = t.padded_nbytes - t.nbytes
                 if pad:
                     sink.put(memoryview(bytes(pad)))
                 on_tensor(t.name)
-            for sink in sinks:
-                sink.close()
-            sinks.clear()
+            while sinks:
+                sinks.pop(0).close()  # off the list first: close() releases the fd even when it raises
         finally:
-            for sink in sinks:
-                try:
-                    os.close(sink.fd)
-                except OSError:
-                    pass
+            for sink in sinks:  # only after a failure: the remaining files are partials anyway
+                os.close(sink.fd)
             for fd in src_fds.values():
                 os.close(fd)

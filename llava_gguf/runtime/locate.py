@@ -9,14 +9,12 @@ _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def _arch(path: Path) -> str:
-    import gguf
+    from .model import read_gguf_info
 
     try:
-        r = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError):
+        return read_gguf_info(path, "file").arch
+    except LlavaGgufError:
         return "?"
-    f = r.fields.get("general.architecture")
-    return f.contents() if f is not None else "?"
 
 
 def locate_pair(path: Path | str, llm: Path | str | None = None, mmproj: Path | str | None = None) -> tuple[Path, Path]:
@@ -28,9 +26,9 @@ def locate_pair(path: Path | str, llm: Path | str | None = None, mmproj: Path | 
         return path, Path(mmproj)
     if not path.is_dir():
         raise LlavaGgufError(f"{path} does not exist", "give the directory that `llava-gguf convert` wrote")
-    ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
-    mmprojs = [Path(mmproj)] if mmproj else [p for p in ggufs if _arch(p) == "clip"]
-    llms = [Path(llm)] if llm else [p for p in ggufs if p not in mmprojs and _arch(p) not in ("clip", "?")]
+    archs = {p: _arch(p) for p in sorted(path.glob("*.gguf")) if p.is_file()}  # each file parsed once
+    mmprojs = [Path(mmproj)] if mmproj else [p for p, a in archs.items() if a == "clip"]
+    llms = [Path(llm)] if llm else [p for p, a in archs.items() if p not in mmprojs and a not in ("clip", "?")]
     if not llms:
         raise LlavaGgufError(f"no language-model .gguf in {path}", "run `llava-gguf convert` first")
     if not mmprojs:
