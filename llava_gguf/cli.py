@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -47,7 +48,8 @@ def _print_json(obj: dict) -> None:
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (llava-hf layout)"),
     outdir: Path = typer.Option(..., "-o", "--outdir", help="output directory (created if needed)"),
-    outtype: str = typer.Option("f16", "--outtype", help="LLM type: f32, f16, bf16, q8_0"),
+    outtype: str = typer.Option("f16", "--outtype", help="LLM type: f32, f16, bf16, q8_0, or any `quantize --list` type "
+                                                           "(via a temporary F16 beside the outputs)"),
     mmproj_type: Optional[str] = typer.Option(None, "--mmproj-type",
                                               help="mmproj type: f32, f16, q8_0 (default: f32 for --outtype f32, else f16)"),
     name: Optional[str] = typer.Option(None, "--name", help="file-name stem (default: the source directory's name)"),
@@ -75,28 +77,107 @@ def convert(
 @app.command()
 @_command
 def quantize(
-    src: Optional[Path] = typer.Argument(None, help="a language-model or mmproj .gguf (e.g. what convert wrote)"),
+    src: Optional[Path] = typer.Argument(None, help="an LLM or mmproj .gguf, or a directory that convert wrote"),
     type_name: Optional[str] = typer.Option(None, "--type", help="llama.cpp type, e.g. Q4_K_M (case-insensitive)"),
-    out: Optional[Path] = typer.Option(None, "-o", "--output", help="output file (default: <name>-<TYPE>.gguf beside SRC)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output",
+                                       help="output file (SRC a file) or directory (SRC a directory); default: beside SRC"),
+    mmproj_type: str = typer.Option("keep", "--mmproj-type",
+                                    help="SRC a directory: keep the mmproj, or quantize it to f32, f16, q8_0, q4_k_m"),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="importance matrix (llava-gguf imatrix)"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="accept an already quantized source"),
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="keep output.weight unquantized"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     force: bool = typer.Option(False, "--force", help="replace an existing output"),
     list_types: bool = typer.Option(False, "--list", help="list the types and exit"),
     verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's logs"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line"),
 ) -> None:
-    """Quantize a language-model (or mmproj) GGUF with llama.cpp's quantizer, in process."""
-    from .quantize import QUANT_TYPES, quantize_gguf
+    """Quantize with llama.cpp's quantizer, in process: an LLM or mmproj GGUF, or the pair in a directory."""
+    from .progress import tensor_progress
+    from .quantize import QUANT_TYPES, quantize_directory, quantize_gguf
 
     if list_types:
         for t in QUANT_TYPES:
-            typer.echo(f"{t.name:8} {t.note}" + ("  (needs --imatrix)" if t.needs_imatrix else ""))
+            typer.echo(f"{t.name:8} {t.bpw:5.2f} bpw  {t.note}" + ("  (needs --imatrix)" if t.needs_imatrix else ""))
         return
     if src is None or type_name is None:
         raise LlavaGgufError("quantize needs SRC and --type", "or --list to see the types")
-    result = quantize_gguf(src, type_name, out, threads=threads, allow_requantize=allow_requantize,
-                           leave_output_tensor=leave_output_tensor, force=force, verbose=verbose)
-    typer.echo(f"{result.type} -> {result.output} ({result.bytes / 1e6:.1f} MB)")
+    options = dict(threads=threads, allow_requantize=allow_requantize, leave_output_tensor=leave_output_tensor,
+                   imatrix=imatrix, force=force, verbose=verbose)
+    with tensor_progress(sys.stderr.isatty() and not verbose and not json_out, "quantizing") as progress:
+        if src.is_dir():
+            results = quantize_directory(src, type_name, out, mmproj_type=mmproj_type, progress=progress, **options)
+        else:
+            if mmproj_type.lower() != "keep":
+                raise LlavaGgufError("--mmproj-type applies when SRC is a directory",
+                                     "to quantize an mmproj file, give it as SRC with --type")
+            results = [quantize_gguf(src, type_name, out, progress=progress, **options)]
+    if json_out:
+        _print_json({"outputs": [{"path": str(r.output), "type": r.type, "bytes": r.bytes,
+                                  "source": str(r.source) if r.source else None} for r in results]})
+        return
+    for r in results:
+        how = f"from {r.source.name}" if r.source else "kept"
+        typer.echo(f"{r.type:7} -> {r.output} ({r.bytes / 1e6:.1f} MB, {how})")
+
+
+@app.command()
+@_command
+def imatrix(
+    model: Path = typer.Argument(..., help="the unquantized language-model .gguf (e.g. <name>-F16.gguf)"),
+    out: Path = typer.Option(..., "-o", "--output", help="the importance matrix to write (.gguf)"),
+    text: Optional[Path] = typer.Option(None, "--text", help="calibration text (default: a built-in one)"),
+    n_ctx: Optional[int] = typer.Option(None, "--ctx", min=32, help="tokens per chunk (default: 512, less for short text)"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="at most this many chunks (default: all)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    verbose: bool = typer.Option(False, "--verbose", help="show llama-imatrix's log"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line"),
+) -> None:
+    """Compute an importance matrix (llama.cpp's llama-imatrix) for `quantize --imatrix`: IQ types and
+    better K-quants."""
+    from .quantize.imatrix import compute_imatrix
+
+    r = compute_imatrix(model, out, text=text, n_ctx=n_ctx, chunks=chunks, threads=threads, force=force,
+                        verbose=verbose)
+    if json_out:
+        _print_json({"output": str(r.output), "entries": r.entries, "chunks": r.chunks, "n_ctx": r.n_ctx,
+                     "tokens": r.tokens, "dataset": r.dataset})
+    else:
+        typer.echo(f"imatrix -> {r.output} ({r.entries} tensors, {r.chunks} chunks of {r.n_ctx} tokens)")
+
+
+@app.command()
+@_command
+def quality(
+    base: Path = typer.Argument(..., help="the unquantized language model (e.g. <name>-F16.gguf)"),
+    quant: Path = typer.Argument(..., help="the quantized language model (e.g. <name>-Q4_K_M.gguf)"),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="the quantized pair's mmproj (default: the base one)"),
+    base_mmproj: Optional[Path] = typer.Option(None, "--base-mmproj",
+                                               help="the base pair's mmproj (default: the unquantized one beside BASE)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="directory of images (default: 3 generated ones)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="text file, one prompt per line (default: 4 built-in)"),
+    tokens: int = typer.Option(32, "--tokens", min=1, help="answer positions compared per prompt"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=64, help="context size (default: fits the image)"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
+) -> None:
+    """How far a quantized model's answers moved: next-token KL divergence and top-1 agreement along
+    the base model's answers, and the image-embedding cosine of a quantized mmproj."""
+    from .quality import measure_quality
+
+    r = measure_quality(base, quant, mmproj=mmproj, base_mmproj=base_mmproj, images=images, prompts=prompts,
+                        tokens=tokens, n_ctx=n_ctx, threads=threads)
+    if json_out:
+        _print_json(r.to_dict())
+        return
+    typer.echo(f"base   {r.base} + {Path(r.base_mmproj).name}")
+    typer.echo(f"quant  {r.quant} + {Path(r.mmproj).name}")
+    typer.echo(f"{r.pairs} prompts with images, {r.positions} answer positions")
+    typer.echo(f"KL divergence   mean {r.kl_mean:.6f}  median {r.kl_median:.6f}  p99 {r.kl_p99:.6f}  max {r.kl_max:.6f}")
+    typer.echo(f"top-1 agreement {100 * r.top1:.1f}%   identical greedy answers {r.same_answers}/{r.pairs}")
+    if r.mmproj_cosine_mean is not None:
+        typer.echo(f"image embedding cosine vs base mmproj: mean {r.mmproj_cosine_mean:.6f}  min {r.mmproj_cosine_min:.6f}")
 
 
 @app.command()
@@ -213,7 +294,13 @@ def main() -> None:
         raise SystemExit(e.exit_code) from None
     except (KeyboardInterrupt, Abort):
         typer.echo("error: interrupted", err=True)
-        raise SystemExit(130) from None
+        rv = 130
+    if rv == 130:
+        # Interrupted: outputs are already cleaned up. Exit now rather than wait for native work that
+        # cannot be stopped (a quantizer thread) to finish.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     raise SystemExit(rv if isinstance(rv, int) else 0)
 
 

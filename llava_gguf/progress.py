@@ -17,19 +17,47 @@ def convert_progress(enabled: bool) -> Iterator[Progress]:
 
     bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
               TimeRemainingColumn(), transient=False)
-    tensors = Bar(TextColumn("  tensors"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[current]}"),
+    tensors = Bar(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[current]}"),
                   transient=False)
     ids: dict[str, int] = {}
 
     def start(total_bytes: int, total_tensors: int) -> None:
         ids["b"] = bar.add_task("converting", total=total_bytes)
-        ids["t"] = tensors.add_task("", total=total_tensors, current="")
+        ids["t"] = tensors.add_task("tensors", total=total_tensors, current="")
 
     with contextlib.ExitStack() as stack:
         from rich.console import Group
         from rich.live import Live
 
         stack.enter_context(Live(Group(bar, tensors), refresh_per_second=8))
+        def quantize(done: int, total: int, name: str) -> None:
+            if "q" not in ids:
+                ids["q"] = tensors.add_task("quantizing", total=total, current="")
+            tensors.update(ids["q"], completed=done, current=name)
+
         yield Progress(start=start,
                        advance_bytes=lambda n: bar.advance(ids["b"], n),
-                       advance_tensor=lambda name: tensors.update(ids["t"], advance=1, current=name))
+                       advance_tensor=lambda name: tensors.update(ids["t"], advance=1, current=name),
+                       quantize=quantize)
+
+
+@contextlib.contextmanager
+def tensor_progress(enabled: bool, description: str) -> Iterator:
+    """A (done, total, name) callback drawing a tensor-count bar, or None when not on a terminal."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+    bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+              TextColumn("{task.fields[current]}"), transient=False)
+    tasks: dict[str, int] = {}
+
+    def update(done: int, total: int, name: str) -> None:
+        key = f"{description}:{total}"
+        if key not in tasks or bar.tasks[tasks[key]].completed > done:
+            tasks[key] = bar.add_task(description, total=total, current="")
+        bar.update(tasks[key], completed=done, current=name)
+
+    with bar:
+        yield update

@@ -36,6 +36,7 @@ class Progress:
     start: Callable[[int, int], None] = lambda total_bytes, total_tensors: None
     advance_bytes: Callable[[int], None] = lambda n: None
     advance_tensor: Callable[[str], None] = lambda name: None
+    quantize: Callable[[int, int, str], None] | None = None  # (done, total, tensor): --outtype <quant type>
 
 
 def output_names(name: str, outtype: str, mmproj_type: str) -> tuple[str, str]:
@@ -64,8 +65,20 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
                        name: str | None = None, force: bool = False, progress: Progress | None = None) -> ConvertResult:
     src, outdir = Path(src), Path(outdir)
     outtype = outtype.lower()
+    quant = None
     if outtype not in OUTTYPES:
-        raise LlavaGgufError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join(OUTTYPES)}")
+        # any llama.cpp quantization type: convert to a temporary F16 beside the outputs, quantize, remove it
+        from ..quantize import find_type
+
+        try:
+            quant = find_type(outtype)
+        except LlavaGgufError:
+            raise LlavaGgufError(f"unknown --outtype {outtype!r}",
+                                 f"choose {', '.join(OUTTYPES)} or a type of `llava-gguf quantize --list`") from None
+        if quant.needs_imatrix:
+            raise LlavaGgufError(f"{quant.name} needs an importance matrix",
+                                 "convert to f16, run `llava-gguf imatrix`, then `llava-gguf quantize --imatrix`")
+        outtype = "f16"
     mmproj_type = (mmproj_type or ("f32" if outtype == "f32" else "f16")).lower()
     if mmproj_type not in MMPROJ_TYPES:
         raise LlavaGgufError(f"unknown --mmproj-type {mmproj_type!r}", f"choose one of {', '.join(MMPROJ_TYPES)}")
@@ -81,17 +94,29 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     mm = build_mmproj(family, root, vision_hp, int(text_hp["hidden_size"]), vision, proj, src, mmproj_type, name)
     llm = build_llm(text_hp, text, src, outtype, None, family.default_chat_template)
     llm_name, mm_name = output_names(name, outtype, mmproj_type)
+    if quant is not None:
+        llm_name = f"{name}-{quant.name}.gguf"
     progress = progress or Progress()
 
     with atomic_outputs(outdir, [llm_name, mm_name], force=force) as out:
         llm_partial, mm_partial = out.partials
+        stage = llm_partial.with_name(f".{name}-F16.gguf.intermediate.partial") if quant else llm_partial
         progress.start(llm.data_bytes + mm.data_bytes, len(llm.tensors) + len(mm.tensors))
         try:
-            TensorStream([(llm, llm_partial), (mm, mm_partial)]).run(progress.advance_bytes, progress.advance_tensor)
-        except OSError as e:
-            raise LlavaGgufError(f"writing {outdir} failed: {e.strerror or e}") from None
-        except EOFError:
-            raise LlavaGgufError("a weight file ended early while it was being read",
-                                 "the checkpoint changed or is truncated; download it again") from None
+            try:
+                TensorStream([(llm, stage), (mm, mm_partial)]).run(progress.advance_bytes, progress.advance_tensor)
+            except OSError as e:
+                raise LlavaGgufError(f"writing {outdir} failed: {e.strerror or e}") from None
+            except EOFError:
+                raise LlavaGgufError("a weight file ended early while it was being read",
+                                     "the checkpoint changed or is truncated; download it again") from None
+            if quant is not None:
+                from ..quantize import _Job
+
+                _Job.plan(stage, quant, allow_requantize=False, imatrix=None).run(
+                    llm_partial, threads=None, leave_output_tensor=False, verbose=False, progress=progress.quantize)
+        finally:
+            if quant is not None:
+                stage.unlink(missing_ok=True)
     return ConvertResult(outdir / llm_name, outdir / mm_name, family.name, layout.name,
                          len(llm.tensors) + len(mm.tensors), llm.data_bytes + mm.data_bytes)

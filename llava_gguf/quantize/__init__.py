@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import re
+import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,21 @@ class QuantType:
     ftype: int  # llama_ftype
     note: str  # llama-quantize's own one-line description
     needs_imatrix: bool = False
+
+    @property
+    def bpw(self) -> float:
+        """Bits per weight of a whole model: llama-quantize's Llama-3-8B sizes (GiB over 8.03e9 weights)
+        where its note gives one, else the note's own bpw, else the storage type's."""
+        name = _ALIASES.get(self.name, self.name)
+        note = next(t.note for t in QUANT_TYPES if t.name == name)
+        m = re.match(r"([\d.]+)G, .* @ Llama-3-8B", note)
+        if m:
+            return float(m.group(1)) * 2**30 * 8 / 8.03e9
+        m = re.match(r"([\d.]+) bpw", note)
+        return float(m.group(1)) if m else {"F16": 16.0, "BF16": 16.0, "F32": 32.0}[name]
+
+
+_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 
 # llama-quantize's QUANT_OPTIONS at the pinned commit (tools/quantize/quantize.cpp), in its order;
@@ -63,6 +81,8 @@ QUANT_TYPES: tuple[QuantType, ...] = (
 # mmproj (CLIP) files: llama_model_quantize takes them too; these are the types whose result we have
 # seen load and run in libmtmd (tests: Q8_0 image-embedding cosine >= 0.99 against F16, Q4_K_M >= 0.98).
 MMPROJ_QUANT_TYPES = ("F32", "F16", "Q8_0", "Q4_K_M")
+_FLOAT_FTYPES = {0: "F32", 1: "F16", 32: "BF16"}
+_FLOAT_GGML_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
 _TYPE_SUFFIX = re.compile(r"-(?:" + "|".join(sorted((t.name for t in QUANT_TYPES), key=len, reverse=True))
                           + r")$", re.IGNORECASE)
@@ -81,44 +101,268 @@ def output_path(src: Path, qtype: QuantType) -> Path:
     return src.with_name(f"{stem}-{qtype.name}.gguf")
 
 
+
 @dataclass(frozen=True)
 class QuantizeResult:
     output: Path
     type: str
     bytes: int
+    source: Path | None = None  # None when the output is a copy of a kept file
+
+
+@dataclass(frozen=True)
+class GGUFKind:
+    path: Path
+    kind: str  # "llm" | "mmproj"
+    arch: str
+    type: str  # the file's type in llama.cpp's spelling, e.g. F16, Q8_0 ("?" when not recorded)
+    quantized: bool
+
+
+def classify(path: Path | str) -> GGUFKind:
+    """What a GGUF file is, for quantizing: a LLaVA language model or an mmproj; anything else is refused."""
+    import gguf
+
+    from ..runtime.model import read_gguf_info
+
+    path = Path(path)
+    read_gguf_info(path, "source")  # existence and readability, with our one-line errors
+    r = gguf.GGUFReader(path)
+
+    def field(key: str):
+        f = r.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = field("general.architecture") or "?"
+    matrix_types = {int(t.tensor_type) for t in r.tensors if len([d for d in t.shape if d > 1]) >= 2}
+    quantized = any(t not in _FLOAT_GGML_TYPES for t in matrix_types)
+    ftype = field("general.file_type")
+    names = {t.ftype: t.name for t in reversed(QUANT_TYPES)}
+    type_name = names.get(int(ftype), "?") if ftype is not None else (
+        _FLOAT_GGML_TYPES.get(next(iter(matrix_types)), "?") if len(matrix_types) == 1 else "?")
+    if arch == "clip":
+        if not field("clip.has_vision_encoder") or field("clip.projector_type") is None and not field("clip.has_llava_projector"):
+            raise LlavaGgufError(f"{path} is a CLIP file without a vision encoder and projector, not an mmproj")
+        return GGUFKind(path, "mmproj", arch, type_name, quantized)
+    if (field("general.type") or "model") != "model" or field("tokenizer.ggml.model") is None \
+            or field(f"{arch}.block_count") is None or field(f"{arch}.embedding_length") is None:
+        what = field("general.type") or ("an importance matrix" if "imatrix.datasets" in r.fields else arch)
+        raise LlavaGgufError(f"{path} is neither a LLaVA language model nor an mmproj ({what})",
+                             "give the LLM or mmproj .gguf that `llava-gguf convert` wrote")
+    return GGUFKind(path, "llm", arch, type_name, quantized)
+
+
+Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor name)
 
 
 def quantize_gguf(src: Path | str, type_name: str, out: Path | str | None = None, *, threads: int | None = None,
-                  allow_requantize: bool = False, leave_output_tensor: bool = False, force: bool = False,
-                  verbose: bool = False) -> QuantizeResult:
+                  allow_requantize: bool = False, leave_output_tensor: bool = False, imatrix: str | Path | None = None,
+                  force: bool = False, verbose: bool = False, progress: Progress | None = None) -> QuantizeResult:
     """Quantize a language-model or mmproj GGUF to `type_name`; the output appears atomically."""
-    from ..runtime import native
-    from ..runtime.model import read_gguf_info
-
     src = Path(src)
     qtype = find_type(type_name)
-    if qtype.needs_imatrix:
-        raise LlavaGgufError(f"{qtype.name} needs an importance matrix, which this version cannot compute yet",
-                             "choose a type that does not, such as Q4_K_M (see --list)")
-    info = read_gguf_info(src, "model")
-    if info.arch == "clip" and qtype.name not in MMPROJ_QUANT_TYPES:
-        raise LlavaGgufError(f"{src} is an mmproj file, which is quantized to {', '.join(MMPROJ_QUANT_TYPES)} only",
-                             "other types are not shown to load and run in libmtmd")
+    job = _Job.plan(src, qtype, allow_requantize=allow_requantize, imatrix=imatrix)
     dest = Path(out) if out is not None else output_path(src, qtype)
-    if dest.resolve() == src.resolve():
+    if dest.exists() and dest.resolve() == src.resolve():
         raise LlavaGgufError(f"the output would replace the source {src}", "choose another name with -o")
-    native.configure()
-    native.quiet_logs(verbose)
-    lc = native.llama_cpp()
     with atomic_outputs(dest.parent, [dest.name], force=force) as outputs:
-        partial = outputs.partials[0]
+        job.run(outputs.partials[0], threads=threads, leave_output_tensor=leave_output_tensor, verbose=verbose,
+                progress=progress)
+    return QuantizeResult(dest, qtype.name, dest.stat().st_size, src)
+
+
+MMPROJ_CHOICES = ("keep",) + tuple(t.lower() for t in MMPROJ_QUANT_TYPES)
+
+
+def quantize_directory(src: Path | str, type_name: str, outdir: Path | str | None = None, *,
+                       mmproj_type: str = "keep", threads: int | None = None, allow_requantize: bool = False,
+                       leave_output_tensor: bool = False, imatrix: str | Path | None = None, force: bool = False,
+                       verbose: bool = False, progress: Progress | None = None) -> list[QuantizeResult]:
+    """A directory `convert` wrote: its (unquantized) LLM to `type_name`, and its mmproj kept (copied when
+    OUTDIR is elsewhere) or quantized per `mmproj_type`. Both outputs appear together or not at all."""
+    src = Path(src)
+    outdir = Path(outdir) if outdir is not None else src
+    qtype = find_type(type_name)
+    mm_choice = mmproj_type.lower()
+    if mm_choice not in MMPROJ_CHOICES:
+        raise LlavaGgufError(f"unknown --mmproj-type {mmproj_type!r}", f"choose one of {', '.join(MMPROJ_CHOICES)}")
+    llm, mmproj = _directory_sources(src)
+    job = _Job.plan(llm.path, qtype, allow_requantize=allow_requantize, imatrix=imatrix)
+    mm_job = None
+    mm_dest = outdir / mmproj.path.name
+    if mm_choice != "keep" and find_type(mm_choice).name != mmproj.type:
+        mm_qtype = find_type(mm_choice)
+        mm_job = _Job.plan(mmproj.path, mm_qtype, allow_requantize=allow_requantize, imatrix=None)
+        mm_dest = outdir / output_path(mmproj.path, mm_qtype).name
+    names = [output_path(llm.path, qtype).name]
+    copy_mmproj = mm_job is None and mm_dest.resolve() != mmproj.path.resolve()
+    if mm_job is not None or copy_mmproj:
+        names.append(mm_dest.name)
+    with atomic_outputs(outdir, names, force=force) as outputs:
+        job.run(outputs.partials[0], threads=threads, leave_output_tensor=leave_output_tensor, verbose=verbose,
+                progress=progress)
+        if mm_job is not None:
+            mm_job.run(outputs.partials[1], threads=threads, leave_output_tensor=False, verbose=verbose,
+                       progress=progress)
+        elif copy_mmproj:
+            shutil.copyfile(mmproj.path, outputs.partials[1])
+    results = [QuantizeResult(outdir / names[0], qtype.name, (outdir / names[0]).stat().st_size, llm.path)]
+    if mm_job is not None:
+        results.append(QuantizeResult(mm_dest, mm_job.qtype.name, mm_dest.stat().st_size, mmproj.path))
+    else:
+        results.append(QuantizeResult(mm_dest, mmproj.type, mm_dest.stat().st_size, None))
+    return results
+
+
+def _directory_sources(src: Path) -> tuple[GGUFKind, GGUFKind]:
+    if not src.is_dir():
+        raise LlavaGgufError(f"{src} does not exist", "give a .gguf file or the directory `llava-gguf convert` wrote")
+    kinds = []
+    for p in sorted(src.glob("*.gguf")):
+        try:
+            kinds.append(classify(p))
+        except LlavaGgufError:
+            continue  # an imatrix or anything else beside the pair is not ours to quantize
+    llms = [k for k in kinds if k.kind == "llm" and not k.quantized]
+    mmprojs = [k for k in kinds if k.kind == "mmproj"]
+    if not llms:
+        quantized = [k.path.name for k in kinds if k.kind == "llm"]
+        raise LlavaGgufError(f"no unquantized language model in {src}" + (f" (only {', '.join(quantized)})" if quantized else ""),
+                             "run `llava-gguf convert` first, or give the .gguf file itself")
+    if len(llms) > 1:
+        rank = {"F32": 0, "BF16": 1, "F16": 1}
+        llms.sort(key=lambda k: rank.get(k.type, 2))
+        if rank.get(llms[0].type, 2) == rank.get(llms[1].type, 2):
+            raise LlavaGgufError(f"several language models in {src}: {', '.join(k.path.name for k in llms)}",
+                                 "give the .gguf file to quantize instead of the directory")
+    if not mmprojs:
+        raise LlavaGgufError(f"no mmproj .gguf in {src}", "run `llava-gguf convert` first")
+    best = sorted(mmprojs, key=lambda k: (k.quantized, {"F32": 0, "F16": 1}.get(k.type, 2), k.path.name))
+    return llms[0], best[0]
+
+
+@dataclass
+class _Job:
+    src: GGUFKind
+    qtype: QuantType
+    allow_requantize: bool
+    imatrix: object | None  # imatrix.Imatrix
+
+    @classmethod
+    def plan(cls, src: Path, qtype: QuantType, *, allow_requantize: bool, imatrix: str | Path | None) -> _Job:
+        """Every check that can fail, before any output exists."""
+        kind = classify(src)
+        if kind.kind == "mmproj":
+            if qtype.name not in MMPROJ_QUANT_TYPES:
+                raise LlavaGgufError(f"{src} is an mmproj file, which is quantized to {', '.join(MMPROJ_QUANT_TYPES)} only",
+                                     "libmtmd is not shown to load and run it in other types")
+            if imatrix is not None:
+                raise LlavaGgufError("an importance matrix applies to the language model, not to an mmproj file")
+        if qtype.needs_imatrix and imatrix is None:
+            raise LlavaGgufError(f"{qtype.name} needs an importance matrix",
+                                 f"compute one with `llava-gguf imatrix {src.name} -o imatrix.gguf`, then pass --imatrix imatrix.gguf")
+        if kind.quantized and not allow_requantize:
+            raise LlavaGgufError(f"{src} is already quantized ({kind.type})",
+                                 "quantize the F16/F32 file instead, or pass --allow-requantize (it costs quality)")
+        loaded = None
+        if imatrix is not None:
+            from .imatrix import load_imatrix
+
+            loaded = load_imatrix(imatrix)
+        return cls(kind, qtype, allow_requantize, loaded)
+
+    def run(self, dest: Path, *, threads: int | None, leave_output_tensor: bool, verbose: bool,
+            progress: Progress | None) -> None:
+        from ..runtime import native
+
+        native.configure()
+        lc = native.llama_cpp()
         params = lc.llama_model_quantize_default_params()
         params.nthread = threads or 0
-        params.ftype = qtype.ftype
-        params.allow_requantize = allow_requantize
+        params.ftype = self.qtype.ftype
+        params.allow_requantize = self.allow_requantize
         params.quantize_output_tensor = not leave_output_tensor
-        rc = lc.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
+        keep_alive = None
+        if self.imatrix is not None:
+            from .imatrix import NativeImatrix
+
+            keep_alive = NativeImatrix(lc, self.imatrix)
+            params.imatrix = ctypes.cast(keep_alive.data, type(params.imatrix))
+            params.kv_overrides = ctypes.cast(keep_alive.kv, type(params.kv_overrides))
+        rc = _call_native(lambda: lc.llama_model_quantize(str(self.src.path).encode(), str(dest).encode(),
+                                                          ctypes.byref(params)),
+                          dest, verbose=verbose, progress=progress)
+        del keep_alive
         if rc != 0:
-            raise LlavaGgufError(f"llama.cpp could not quantize {src} to {qtype.name}",
-                                 "already quantized? pass --allow-requantize; --verbose shows llama.cpp's log")
-    return QuantizeResult(dest, qtype.name, dest.stat().st_size)
+            raise LlavaGgufError(f"llama.cpp could not quantize {self.src.path} to {self.qtype.name}",
+                                 "--verbose shows llama.cpp's log")
+
+
+_TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_log_callback = None  # the ctypes callback must outlive every native call that may use it
+
+
+def _call_native(fn: Callable[[], int], dest: Path, *, verbose: bool, progress: Progress | None) -> int:
+    """Run llama_model_quantize in a worker thread, feeding `progress` from llama.cpp's per-tensor log lines.
+
+    llama.cpp cannot be stopped half-way, so Ctrl-C (or SIGTERM) here waits until the output file is open
+    (the first tensor line: a fraction of a second) and lets the caller remove it at once; the worker's
+    writes then go to an unlinked file, and if it ever finishes it removes what it wrote. The CLI exits
+    right after, which ends the worker too."""
+    import sys
+
+    from ..runtime import native
+
+    lc = native.llama_cpp()
+    opened = threading.Event()
+    done = threading.Event()
+    cancelled = threading.Event()
+    result: dict[str, int] = {}
+    total = [0]
+
+    global _log_callback
+
+    @lc.llama_log_callback
+    def on_log(level, text, user_data):  # noqa: ANN001
+        s = text.decode(errors="replace") if text else ""
+        m = _TENSOR_LINE.match(s)
+        if m:
+            opened.set()
+            total[0] = int(m.group(2))
+            if progress is not None and not cancelled.is_set():
+                progress(int(m.group(1)) - 1, total[0], m.group(3))
+        if verbose:
+            sys.stderr.write(s)
+            sys.stderr.flush()
+
+    _log_callback = on_log
+    lc.llama_log_set(on_log, None)
+
+    def work() -> None:
+        try:
+            result["rc"] = fn()
+        finally:
+            done.set()
+            if cancelled.is_set():
+                try:
+                    dest.unlink()
+                except OSError:
+                    pass
+
+    worker = threading.Thread(target=work, name="llama_model_quantize", daemon=True)
+    worker.start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except BaseException:
+        cancelled.set()
+        while not (opened.wait(0.1) or done.is_set()):
+            pass
+        raise
+    finally:
+        if done.is_set():
+            native.quiet_logs(verbose)
+    rc = result.get("rc", 1)
+    if rc == 0 and progress is not None and total[0]:
+        progress(total[0], total[0], "")
+    return rc

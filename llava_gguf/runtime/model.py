@@ -272,17 +272,25 @@ class LLaVA:
         templates = [t for t in (self.llm_info.chat_template, self.family_template) if t]
         return render_with_images(templates, messages, bos=bos, eos=eos)
 
+    def eval_prompt(self, prompt: str, images: Sequence[ImageInput] = ()) -> list[int]:
+        """Start afresh with one user turn (the images before the text), rendered from the chat template
+        and decoded; returns the context's token ids (image positions carry the <image> id)."""
+        text = self.render([Message("user", prompt, n_images=len(images))])
+        self.reset()
+        chunks = self._tokenize(text, list(images), add_special=True)
+        try:
+            return self.eval_chunks(chunks)
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self.llm._model.vocab, token))
+
     def stream_from_image(self, image: ImageInput, prompt: str, *, max_tokens: int = 256, temperature: float = 0.2,
                           top_p: float = 0.95, top_k: int = 40, repeat_penalty: float = 1.1,
                           stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
         """Like generate_from_image, yielding text pieces as they are decoded."""
-        text = self.render([Message("user", prompt, n_images=1)])
-        self.reset()
-        chunks = self._tokenize(text, [image], add_special=True)
-        try:
-            prompt_ids = self.eval_chunks(chunks)
-        finally:
-            self._mtmd.mtmd_input_chunks_free(chunks)
+        prompt_ids = self.eval_prompt(prompt, [image])
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         yield from self._sample(prompt_ids, Sampling(max_tokens, temperature, top_p, top_k, 0.05, repeat_penalty,
                                                      stops, seed))
