@@ -83,7 +83,7 @@ def quantize(
                                        help="output file (SRC a file) or directory (SRC a directory); default: beside SRC"),
     mmproj_type: str = typer.Option("keep", "--mmproj-type",
                                     help="SRC a directory: keep the mmproj, or quantize it to f32, f16, q8_0, q4_k_m"),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="importance matrix (llava-gguf imatrix)"),
+    imatrix: Optional[str] = typer.Option(None, "--imatrix", help="importance matrix (llava-gguf imatrix)"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="accept an already quantized source"),
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="keep output.weight unquantized"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
@@ -127,6 +127,8 @@ def imatrix(
     model: Path = typer.Argument(..., help="the unquantized language-model .gguf (e.g. <name>-F16.gguf)"),
     out: Path = typer.Option(..., "-o", "--output", help="the importance matrix to write (.gguf)"),
     text: Optional[Path] = typer.Option(None, "--text", help="calibration text (default: a built-in one)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="also calibrate on these images (a directory)"),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="with --images: the mmproj (default: the one beside MODEL)"),
     n_ctx: Optional[int] = typer.Option(None, "--ctx", min=32, help="tokens per chunk (default: 512, less for short text)"),
     chunks: Optional[int] = typer.Option(None, "--chunks", min=1, help="at most this many chunks (default: all)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
@@ -138,13 +140,14 @@ def imatrix(
     better K-quants."""
     from .quantize.imatrix import compute_imatrix
 
-    r = compute_imatrix(model, out, text=text, n_ctx=n_ctx, chunks=chunks, threads=threads, force=force,
-                        verbose=verbose)
+    r = compute_imatrix(model, out, text=text, images=images, mmproj=mmproj, n_ctx=n_ctx, chunks=chunks,
+                        threads=threads, force=force, verbose=verbose)
     if json_out:
         _print_json({"output": str(r.output), "entries": r.entries, "chunks": r.chunks, "n_ctx": r.n_ctx,
-                     "tokens": r.tokens, "dataset": r.dataset})
+                     "tokens": r.tokens, "dataset": r.dataset, "images": r.images})
     else:
-        typer.echo(f"imatrix -> {r.output} ({r.entries} tensors, {r.chunks} chunks of {r.n_ctx} tokens)")
+        extra = f" and {r.images} images" if r.images else ""
+        typer.echo(f"imatrix -> {r.output} ({r.entries} tensors, {r.chunks} chunks of {r.n_ctx} tokens{extra})")
 
 
 @app.command()

@@ -44,7 +44,8 @@ class QualityReport:
         return asdict(self)
 
 
-def _best_mmproj(llm: Path) -> Path:
+def find_base_mmproj(llm: Path, option: str = "--base-mmproj") -> Path:
+    """The unquantized mmproj beside an LLM (same name stem first, F32 before F16)."""
     from .quantize import classify
 
     found = []
@@ -56,7 +57,7 @@ def _best_mmproj(llm: Path) -> Path:
         if k.kind == "mmproj":
             found.append(k)
     if not found:
-        raise LlavaGgufError(f"no mmproj .gguf beside {llm}", "pass --base-mmproj")
+        raise LlavaGgufError(f"no mmproj .gguf beside {llm}", f"name it with {option}")
     stem = llm.stem.rsplit("-", 1)[0]
     found.sort(key=lambda k: (not k.path.stem.startswith(f"mmproj-{stem}-"), k.quantized,
                               {"F32": 0, "F16": 1}.get(k.type, 2), k.path.name))
@@ -116,7 +117,7 @@ def measure_quality(base: Path | str, quant: Path | str, *, mmproj: Path | str |
     base, quant = Path(base), Path(quant)
     _require(base, "llm", "BASE")
     _require(quant, "llm", "QUANT")
-    base_mm = Path(base_mmproj) if base_mmproj else _best_mmproj(base)
+    base_mm = Path(base_mmproj) if base_mmproj else find_base_mmproj(base)
     quant_mm = Path(mmproj) if mmproj else base_mm
     _require(base_mm, "mmproj", "the base mmproj")
     _require(quant_mm, "mmproj", "--mmproj")

@@ -135,6 +135,29 @@ def test_imatrix_cli_and_refusals(f16_pair, tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["im.gguf", "short.txt"]
 
 
+def test_imatrix_calibrates_on_images_too(f16_pair, tmp_path):
+    from llava_gguf.tiny import sample_image
+
+    llm, _ = f16_pair
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    sample_image(112, seed=1).save(imgs / "a.png")
+    sample_image(150, seed=2).convert("RGBA").save(imgs / "b.webp")  # any Pillow format, alpha flattened
+    (imgs / "notes.txt").write_text("not an image")
+    text_only = compute_imatrix(llm, tmp_path / "text.gguf", n_ctx=128, chunks=2, threads=2)
+    with_images = compute_imatrix(llm, tmp_path / "img.gguf", images=imgs, n_ctx=128, chunks=2, threads=2)
+    assert (text_only.images, with_images.images) == (0, 2)
+    a, b = load_imatrix(text_only.output), load_imatrix(with_images.output)
+    assert set(a.entries) == set(b.entries)
+    name = "blk.0.attn_q.weight"
+    assert a.entries[name].shape == b.entries[name].shape
+    assert not np.allclose(a.entries[name], b.entries[name])  # the image rows moved the statistics
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = run_cli("imatrix", str(llm), "-o", str(tmp_path / "x.gguf"), "--images", str(empty))
+    assert p.returncode == 1 and "no images" in p.stderr and not (tmp_path / "x.gguf").exists()
+
+
 def test_quality_same_model_is_exact(f16_pair, tmp_path):
     from llava_gguf.quality import measure_quality
 

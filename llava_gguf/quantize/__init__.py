@@ -4,6 +4,7 @@ atomic-output rules and file naming."""
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import shutil
 import threading
@@ -32,7 +33,7 @@ class QuantType:
         if m:
             return float(m.group(1)) * 2**30 * 8 / 8.03e9
         m = re.match(r"([\d.]+) bpw", note)
-        return float(m.group(1)) if m else {"F16": 16.0, "BF16": 16.0, "F32": 32.0}[name]
+        return float(m.group(1)) if m else {"F16": 16.0, "BF16": 16.0, "F32": 32.0, "MXFP4_MOE": 8.5}[name]
 
 
 _ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
@@ -41,8 +42,11 @@ _ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 # llama-quantize's QUANT_OPTIONS at the pinned commit (tools/quantize/quantize.cpp), in its order;
 # needs_imatrix where src/llama-quant.cpp refuses to run without one.
 QUANT_TYPES: tuple[QuantType, ...] = (
+    QuantType("Q1_0", 40, "1.125 bpw quantization"),
+    QuantType("Q2_0", 41, "2.25 bpw quantization (group 64)"),
     QuantType("Q4_0", 2, "4.34G, +0.4685 ppl @ Llama-3-8B"),
     QuantType("Q4_1", 3, "4.78G, +0.4511 ppl @ Llama-3-8B"),
+    QuantType("MXFP4_MOE", 38, "MXFP4 for mixture-of-experts tensors (LLaVA has none: Q8_0 elsewhere)"),
     QuantType("Q5_0", 8, "5.21G, +0.1316 ppl @ Llama-3-8B"),
     QuantType("Q5_1", 9, "5.65G, +0.1062 ppl @ Llama-3-8B"),
     QuantType("IQ2_XXS", 19, "2.06 bpw quantization", True),
@@ -82,6 +86,7 @@ QUANT_TYPES: tuple[QuantType, ...] = (
 # seen load and run in libmtmd (tests: Q8_0 image-embedding cosine >= 0.99 against F16, Q4_K_M >= 0.98).
 MMPROJ_QUANT_TYPES = ("F32", "F16", "Q8_0", "Q4_K_M")
 _FLOAT_FTYPES = {0: "F32", 1: "F16", 32: "BF16"}
+MAX_BUF_SIZE = 256 * 2**20
 _FLOAT_GGML_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
 _TYPE_SUFFIX = re.compile(r"-(?:" + "|".join(sorted((t.name for t in QUANT_TYPES), key=len, reverse=True))
@@ -134,10 +139,13 @@ def classify(path: Path | str) -> GGUFKind:
         return None if f is None else f.contents()
 
     arch = field("general.architecture") or "?"
+    if (field("split.count") or 1) > 1:
+        raise LlavaGgufError(f"{path} is one shard of a split GGUF",
+                             "merge it first (llama.cpp's gguf-split --merge), then quantize the single file")
     matrix_types = {int(t.tensor_type) for t in r.tensors if len([d for d in t.shape if d > 1]) >= 2}
     quantized = any(t not in _FLOAT_GGML_TYPES for t in matrix_types)
     ftype = field("general.file_type")
-    names = {t.ftype: t.name for t in reversed(QUANT_TYPES)}
+    names = {t.ftype: t.name for t in QUANT_TYPES if t.name not in _ALIASES}
     type_name = names.get(int(ftype), "?") if ftype is not None else (
         _FLOAT_GGML_TYPES.get(next(iter(matrix_types)), "?") if len(matrix_types) == 1 else "?")
     if arch == "clip":
@@ -163,12 +171,18 @@ def quantize_gguf(src: Path | str, type_name: str, out: Path | str | None = None
     qtype = find_type(type_name)
     job = _Job.plan(src, qtype, allow_requantize=allow_requantize, imatrix=imatrix)
     dest = Path(out) if out is not None else output_path(src, qtype)
-    if dest.exists() and dest.resolve() == src.resolve():
-        raise LlavaGgufError(f"the output would replace the source {src}", "choose another name with -o")
+    if dest.is_dir():
+        dest = dest / output_path(src, qtype).name
+    _not_the_source(dest, src)
     with atomic_outputs(dest.parent, [dest.name], force=force) as outputs:
         job.run(outputs.partials[0], threads=threads, leave_output_tensor=leave_output_tensor, verbose=verbose,
                 progress=progress)
     return QuantizeResult(dest, qtype.name, dest.stat().st_size, src)
+
+
+def _not_the_source(dest: Path, src: Path) -> None:
+    if dest.exists() and dest.resolve() == src.resolve():
+        raise LlavaGgufError(f"the output would replace the source {src}", "choose another output with -o")
 
 
 MMPROJ_CHOICES = ("keep",) + tuple(t.lower() for t in MMPROJ_QUANT_TYPES)
@@ -195,6 +209,9 @@ def quantize_directory(src: Path | str, type_name: str, outdir: Path | str | Non
         mm_job = _Job.plan(mmproj.path, mm_qtype, allow_requantize=allow_requantize, imatrix=None)
         mm_dest = outdir / output_path(mmproj.path, mm_qtype).name
     names = [output_path(llm.path, qtype).name]
+    _not_the_source(outdir / names[0], llm.path)
+    if mm_job is not None:
+        _not_the_source(mm_dest, mmproj.path)
     copy_mmproj = mm_job is None and mm_dest.resolve() != mmproj.path.resolve()
     if mm_job is not None or copy_mmproj:
         names.append(mm_dest.name)
@@ -205,7 +222,10 @@ def quantize_directory(src: Path | str, type_name: str, outdir: Path | str | Non
             mm_job.run(outputs.partials[1], threads=threads, leave_output_tensor=False, verbose=verbose,
                        progress=progress)
         elif copy_mmproj:
-            shutil.copyfile(mmproj.path, outputs.partials[1])
+            try:
+                shutil.copyfile(mmproj.path, outputs.partials[1])
+            except OSError as e:
+                raise LlavaGgufError(f"copying {mmproj.path.name} to {outdir} failed: {e.strerror or e}") from None
     results = [QuantizeResult(outdir / names[0], qtype.name, (outdir / names[0]).stat().st_size, llm.path)]
     if mm_job is not None:
         results.append(QuantizeResult(mm_dest, mm_job.qtype.name, mm_dest.stat().st_size, mmproj.path))
@@ -230,15 +250,28 @@ def _directory_sources(src: Path) -> tuple[GGUFKind, GGUFKind]:
         raise LlavaGgufError(f"no unquantized language model in {src}" + (f" (only {', '.join(quantized)})" if quantized else ""),
                              "run `llava-gguf convert` first, or give the .gguf file itself")
     if len(llms) > 1:
-        rank = {"F32": 0, "BF16": 1, "F16": 1}
-        llms.sort(key=lambda k: rank.get(k.type, 2))
-        if rank.get(llms[0].type, 2) == rank.get(llms[1].type, 2):
-            raise LlavaGgufError(f"several language models in {src}: {', '.join(k.path.name for k in llms)}",
-                                 "give the .gguf file to quantize instead of the directory")
-    if not mmprojs:
-        raise LlavaGgufError(f"no mmproj .gguf in {src}", "run `llava-gguf convert` first")
-    best = sorted(mmprojs, key=lambda k: (k.quantized, {"F32": 0, "F16": 1}.get(k.type, 2), k.path.name))
-    return llms[0], best[0]
+        raise LlavaGgufError(f"several unquantized language models in {src}: {', '.join(k.path.name for k in llms)}",
+                             "give the .gguf file to quantize instead of the directory")
+    llm = llms[0]
+    stem = _TYPE_SUFFIX.sub("", llm.path.stem)
+    width = _width(llm.path)
+    pairs = [k for k in mmprojs if _width(k.path) == width]
+    if not pairs:
+        raise LlavaGgufError(f"no mmproj in {src} matches {llm.path.name} (embedding width {width})",
+                             "run `llava-gguf convert` first")
+    named = [k for k in pairs if _TYPE_SUFFIX.sub("", k.path.stem) == f"mmproj-{stem}"]
+    candidates = named or pairs
+    candidates.sort(key=lambda k: (k.quantized, {"F32": 0, "F16": 1, "BF16": 2}.get(k.type, 3), k.path.name))
+    if not named and len({_TYPE_SUFFIX.sub("", k.path.stem) for k in candidates}) > 1:
+        raise LlavaGgufError(f"several mmproj files in {src} could go with {llm.path.name}: "
+                             f"{', '.join(k.path.name for k in candidates)}", "quantize the files one by one")
+    return llm, candidates[0]
+
+
+def _width(path: Path) -> int:
+    from ..runtime.model import read_gguf_info
+
+    return read_gguf_info(path, "file").n_embd
 
 
 @dataclass
@@ -282,6 +315,9 @@ class _Job:
         params.ftype = self.qtype.ftype
         params.allow_requantize = self.allow_requantize
         params.quantize_output_tensor = not leave_output_tensor
+        # Rows of one tensor held in memory at once. llama-quantize's default (8 GiB) converts a whole
+        # token_embd to f32 (525 MB at 7B); slabs of 256 MiB give the same bytes with less memory.
+        params.max_buf_size = MAX_BUF_SIZE
         keep_alive = None
         if self.imatrix is not None:
             from .imatrix import NativeImatrix
@@ -289,63 +325,78 @@ class _Job:
             keep_alive = NativeImatrix(lc, self.imatrix)
             params.imatrix = ctypes.cast(keep_alive.data, type(params.imatrix))
             params.kv_overrides = ctypes.cast(keep_alive.kv, type(params.kv_overrides))
-        rc = _call_native(lambda: lc.llama_model_quantize(str(self.src.path).encode(), str(dest).encode(),
-                                                          ctypes.byref(params)),
-                          dest, verbose=verbose, progress=progress)
+        src_b, dest_b = os.fsencode(self.src.path), os.fsencode(dest)
+        rc, last_error = _call_native(lambda: lc.llama_model_quantize(src_b, dest_b, ctypes.byref(params)),
+                                      dest, verbose=verbose, progress=progress)
         del keep_alive
         if rc != 0:
-            raise LlavaGgufError(f"llama.cpp could not quantize {self.src.path} to {self.qtype.name}",
+            why = f": {last_error}" if last_error else ""
+            raise LlavaGgufError(f"llama.cpp could not quantize {self.src.path.name} to {self.qtype.name}{why}"[:400],
                                  "--verbose shows llama.cpp's log")
 
 
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
-_log_callback = None  # the ctypes callback must outlive every native call that may use it
+# ctypes callbacks handed to llama.cpp stay alive for the life of the process: a worker abandoned on
+# Ctrl-C may still log through its callback after we return.
+_log_callbacks: list = []
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h: enum ggml_log_level
+_abandoned: list[threading.Thread] = []
 
 
-def _call_native(fn: Callable[[], int], dest: Path, *, verbose: bool, progress: Progress | None) -> int:
-    """Run llama_model_quantize in a worker thread, feeding `progress` from llama.cpp's per-tensor log lines.
+def _call_native(fn: Callable[[], int], dest: Path, *, verbose: bool,
+                 progress: Progress | None) -> tuple[int, str]:
+    """Run llama_model_quantize in a worker thread, feeding `progress` from llama.cpp's per-tensor log
+    lines; returns (return code, last error line llama.cpp logged).
 
-    llama.cpp cannot be stopped half-way, so Ctrl-C (or SIGTERM) here waits until the output file is open
-    (the first tensor line: a fraction of a second) and lets the caller remove it at once; the worker's
-    writes then go to an unlinked file, and if it ever finishes it removes what it wrote. The CLI exits
-    right after, which ends the worker too."""
+    llama.cpp cannot be stopped half-way, so on Ctrl-C (or SIGTERM) this waits until the output file is
+    open (the first tensor line: a fraction of a second), then lets the caller remove it at once; the
+    worker's writes go to the unlinked file, and if it ever finishes it removes the file it wrote (only
+    that one). The CLI exits right after, which ends the worker too."""
     import sys
 
     from ..runtime import native
 
+    if any(t.is_alive() for t in _abandoned):
+        raise LlavaGgufError("a quantization interrupted earlier is still finishing in the background",
+                             "wait for it, or start a new process")
     lc = native.llama_cpp()
     opened = threading.Event()
     done = threading.Event()
     cancelled = threading.Event()
-    result: dict[str, int] = {}
-    total = [0]
-
-    global _log_callback
+    state: dict = {"rc": 1, "total": 0, "error": "", "ino": None}
 
     @lc.llama_log_callback
     def on_log(level, text, user_data):  # noqa: ANN001
         s = text.decode(errors="replace") if text else ""
         m = _TENSOR_LINE.match(s)
         if m:
-            opened.set()
-            total[0] = int(m.group(2))
+            if not opened.is_set():
+                try:
+                    state["ino"] = dest.stat().st_ino
+                except OSError:
+                    pass
+                opened.set()
+            state["total"] = int(m.group(2))
             if progress is not None and not cancelled.is_set():
-                progress(int(m.group(1)) - 1, total[0], m.group(3))
+                progress(int(m.group(1)) - 1, state["total"], m.group(3))
+        elif level == _GGML_LOG_LEVEL_ERROR and s.strip():
+            state["error"] = " ".join(s.split())
         if verbose:
             sys.stderr.write(s)
             sys.stderr.flush()
 
-    _log_callback = on_log
+    _log_callbacks.append(on_log)
     lc.llama_log_set(on_log, None)
 
     def work() -> None:
         try:
-            result["rc"] = fn()
+            state["rc"] = fn()
         finally:
             done.set()
             if cancelled.is_set():
                 try:
-                    dest.unlink()
+                    if state["ino"] is None or dest.stat().st_ino == state["ino"]:
+                        dest.unlink()
                 except OSError:
                     pass
 
@@ -356,13 +407,21 @@ def _call_native(fn: Callable[[], int], dest: Path, *, verbose: bool, progress: 
             pass
     except BaseException:
         cancelled.set()
-        while not (opened.wait(0.1) or done.is_set()):
-            pass
+        _abandoned.append(worker)
+        deadline = 30.0
+        while deadline > 0 and not (opened.is_set() or done.is_set()):
+            try:
+                opened.wait(0.1)
+            except KeyboardInterrupt:
+                pass  # a second Ctrl-C: still wait (briefly) until removing the partial is final
+            deadline -= 0.1
         raise
     finally:
         if done.is_set():
-            native.quiet_logs(verbose)
-    rc = result.get("rc", 1)
-    if rc == 0 and progress is not None and total[0]:
-        progress(total[0], total[0], "")
-    return rc
+            if verbose:
+                lc.llama_log_set(None, None)  # llama.cpp's own stderr logging again
+            else:
+                native.quiet_logs(verbose)
+    if state["rc"] == 0 and progress is not None and state["total"]:
+        progress(state["total"], state["total"], "")
+    return state["rc"], state["error"]

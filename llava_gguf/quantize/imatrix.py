@@ -9,6 +9,7 @@ normalised to mean squared activations per column (per expert), as llama-quantiz
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ def _load_gguf(p: Path) -> Imatrix:
         raise ValueError(f"mismatched sums and counts for {sorted(set(sums) ^ set(counts))[0]}")
     entries = {}
     for name, s in sums.items():
+        if counts[name].size == 0 or s.size % counts[name].size:
+            raise ValueError(f"{name}: {s.size} sums do not split into {counts[name].size} counts")
         raw = counts[name].astype(np.float64)
         c = (np.floor(np.abs(raw) + 0.5) * np.sign(raw)).astype(np.float32)  # std::lround, then (float)
         ne0 = s.size // c.size
@@ -77,7 +80,8 @@ def _load_gguf(p: Path) -> Imatrix:
             if cnt > 0:
                 e[j * ne0:(j + 1) * ne0] = s[j * ne0:(j + 1) * ne0] / cnt
         entries[name] = e
-    datasets = [str(x) for x in r.fields["imatrix.datasets"].contents()]
+    raw = r.fields["imatrix.datasets"].contents()
+    datasets = [str(x) for x in raw] if isinstance(raw, list) else []  # llama.cpp reads a string array only
     return Imatrix("", entries, datasets, int(r.fields["imatrix.chunk_count"].contents()))
 
 
@@ -97,7 +101,9 @@ def _load_legacy(p: Path) -> Imatrix:
     entries: dict[str, np.ndarray] = {}
     for _ in range(n_entries):
         (length,) = take("<i")
-        name = data[off:off + length].split(b"\0", 1)[0].decode()
+        if length < 0 or off + length > len(data):
+            raise ValueError("truncated entry name")
+        name = data[off:off + length].split(b"\0", 1)[0].decode(errors="replace")
         off += length
         ncall, nval = take("<ii")
         if nval < 1 or off + 4 * nval > len(data):
@@ -106,12 +112,12 @@ def _load_legacy(p: Path) -> Imatrix:
         off += 4 * nval
         entries[name] = sums / np.float32(ncall) if ncall > 0 else sums.copy()
     chunk_count, datasets = 0, []
-    if off < len(data):
+    if off + 4 <= len(data):  # optional trailer: chunk count, dataset name (raw bytes up to a NUL)
         (chunk_count,) = take("<i")
         if off + 4 <= len(data):
             (length,) = take("<i")
-            if length > 0:
-                datasets.append(data[off:off + length].decode(errors="replace"))
+            if 0 < length and off + length <= len(data):
+                datasets.append(data[off:off + length].split(b"\0", 1)[0].decode(errors="replace"))
     return Imatrix("", entries, datasets, chunk_count)
 
 
@@ -139,7 +145,7 @@ class NativeImatrix:
             self.kv[i].key = key.encode()
             if isinstance(value, str):
                 self.kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_STR
-                self.kv[i].value.val_str = value.encode()[:127]
+                self.kv[i].value.val_str = os.fsencode(value)[:127]
             else:
                 self.kv[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_INT
                 self.kv[i].value.val_i64 = value
@@ -153,22 +159,27 @@ class ImatrixResult:
     n_ctx: int
     tokens: int
     dataset: str
+    images: int = 0
 
 
 def builtin_calibration_text() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 
 
-def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | None = None, n_ctx: int | None = None,
+def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | None = None,
+                    images: Path | str | None = None, mmproj: Path | str | None = None, n_ctx: int | None = None,
                     chunks: int | None = None, threads: int | None = None, force: bool = False,
                     verbose: bool = False) -> ImatrixResult:
     """An importance matrix for `model` (an unquantized LLM GGUF) from `text` (default: a built-in
-    calibration text of image descriptions and conversations), computed by llama.cpp's `llama-imatrix`.
+    calibration text of image descriptions and conversations), computed by llama.cpp's `llama-imatrix`;
+    with `images` (a directory), each image is also run through `mmproj` (default: the unquantized one
+    beside the model) and the LLM with a question about it (native/patches/0002).
 
-    The context is 512 tokens (llama.cpp's usual choice) or less when the text is short: the tool needs
-    at least two contexts' worth of tokens."""
+    The context is 512 tokens (llama.cpp's usual choice) or less when the text is short, more when an
+    image needs it: the tool needs at least two contexts' worth of text tokens."""
     import os
     import subprocess
+    import tempfile
 
     from ..outputs import atomic_outputs
     from ..runtime import native
@@ -201,23 +212,84 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
         vocab.close()
     from ..runtime.model import read_gguf_info
 
-    ctx_train = int(read_gguf_info(model, "model").context_length or 512)
+    info = read_gguf_info(model, "model")
+    ctx_train = int(info.context_length or 512)
     ctx = n_ctx or min(512, ctx_train, n_tokens // 2)
+    image_env: dict[str, str] = {}
+    image_files: list[Path] = []
+    if images is not None:
+        image_files, mm_path, prompts, need = _image_calibration(model, info, images, mmproj, lc, content)
+        if ctx < need:
+            if n_ctx:
+                raise LlavaGgufError(f"--ctx {n_ctx} is too small for an image ({need} tokens with its prompt)")
+            ctx = need
+        image_env = {"LLAVA_GGUF_IMATRIX_MMPROJ": str(mm_path), "LLAVA_GGUF_IMATRIX_PROMPTS": "\x1e".join(prompts)}
+    elif mmproj is not None:
+        raise LlavaGgufError("--mmproj is used with --images", "give --images DIR too")
     if ctx < 32 or n_tokens < 2 * ctx:
         raise LlavaGgufError(f"the calibration text has {n_tokens} tokens; a context of {max(ctx, 32)} needs at least "
                              f"{2 * max(ctx, 32)}", "give a longer text with --text")
     n_chunks = n_tokens // ctx if chunks is None else min(chunks, n_tokens // ctx)
-    with atomic_outputs(out.parent, [out.name], force=force) as outputs:
+    with atomic_outputs(out.parent, [out.name], force=force) as outputs, \
+            tempfile.TemporaryDirectory(prefix="llava-gguf-imatrix-") as tmp:
         partial = outputs.partials[0]
+        if image_files:
+            from ..runtime.images import load_image
+
+            pngs = []
+            for i, f in enumerate(image_files):
+                # our loader (EXIF orientation, alpha flattened, every Pillow format) -> PNG for the tool
+                png = Path(tmp) / f"{i:05d}.png"
+                load_image(f).save(png)
+                pngs.append(str(png))
+            image_env["LLAVA_GGUF_IMATRIX_IMAGES"] = "\x1e".join(pngs)
         cmd = [str(tool), "-m", str(model), "-f", str(text), "-o", str(partial), "--output-format", "gguf",
                "-c", str(ctx), "-b", str(ctx), "--chunks", str(n_chunks), "-ngl", "0", "--no-ppl",
                "-t", str(threads or max(1, os.cpu_count() or 1)), "-ofreq", str(1 << 30)]
         p = subprocess.run(cmd, stdout=None if verbose else subprocess.PIPE, stderr=None if verbose else subprocess.STDOUT,
-                           text=True, errors="replace")
+                           text=True, errors="replace", env={**os.environ, **image_env})
         if p.returncode != 0:
             tail = [ln.strip() for ln in (p.stdout or "").splitlines() if ln.strip()]
             why = next((ln for ln in reversed(tail) if "error" in ln.lower() or "failed" in ln.lower()),
                        tail[-1] if tail else f"exit code {p.returncode}")
             raise LlavaGgufError(f"llama-imatrix failed: {why[:200]}", "--verbose shows its log")
         im = load_imatrix(partial)
-    return ImatrixResult(out, len(im.entries), im.chunk_count, ctx, n_tokens, im.datasets[0] if im.datasets else "")
+    return ImatrixResult(out, len(im.entries), im.chunk_count, ctx, n_tokens, im.datasets[0] if im.datasets else "",
+                         len(image_files))
+
+
+def _image_calibration(model: Path, info, images: Path | str, mmproj: Path | str | None, lc, content: str):
+    """(image files, mmproj, rendered prompts with the media marker, context an image needs)."""
+    from ..convert.families.llava15 import FAMILY
+    from ..quality import DEFAULT_PROMPTS, IMAGE_SUFFIXES, find_base_mmproj
+    from ..runtime import native
+    from ..runtime.model import read_gguf_info
+    from ..runtime.prompt import IMAGE_PLACEHOLDER, Message, render_with_images
+    from . import classify
+
+    d = Path(images)
+    if not d.is_dir():
+        raise LlavaGgufError(f"--images {d} is not a directory")
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise LlavaGgufError(f"no images in {d}", f"it should hold {', '.join(IMAGE_SUFFIXES)} files")
+    mm = Path(mmproj) if mmproj is not None else find_base_mmproj(model, "--mmproj")
+    if classify(mm).kind != "mmproj":
+        raise LlavaGgufError(f"--mmproj {mm} is a language model, not an mmproj file")
+    mm_info = read_gguf_info(mm, "mmproj")
+    if mm_info.n_embd != info.n_embd:
+        raise LlavaGgufError(f"the mmproj projects to width {mm_info.n_embd} but the language model's is {info.n_embd}",
+                             "these two files are not a pair")
+    vocab = lc.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        special = lambda t: vocab.detokenize([t], special=True).decode(errors="replace") if t >= 0 else ""  # noqa: E731
+        bos, eos = special(vocab.token_bos()), special(vocab.token_eos())
+        marker = native.mtmd_cpp().mtmd_default_marker().decode()
+        templates = [t for t in (info.chat_template, FAMILY.default_chat_template) if t]
+        prompts = [render_with_images(templates, [Message("user", q, n_images=1)], bos=bos, eos=eos)
+                   .replace(IMAGE_PLACEHOLDER, marker) for q in DEFAULT_PROMPTS]
+        longest = max(len(vocab.tokenize(p.replace(marker, "").encode(), add_bos=False, special=True)) for p in prompts)
+    finally:
+        vocab.close()
+    need = (mm_info.image_tokens or 576) + longest + 8
+    return files, mm, prompts, -(-need // 64) * 64
