@@ -186,31 +186,73 @@ def quality(
 @app.command()
 @_command
 def chat(
-    path: Path = typer.Argument(..., help="directory that convert wrote, or an LLM .gguf"),
-    image: Path = typer.Option(..., "--image", help="image file"),
-    prompt: str = typer.Option(..., "--prompt", help="question about the image"),
+    path: Path = typer.Argument(..., help="directory that convert/quantize wrote, or an LLM .gguf"),
+    image: Optional[list[str]] = typer.Option(None, "--image", help="image file (repeatable; - reads stdin)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="answer this once and exit (default: interactive)"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     model: Optional[Path] = typer.Option(None, "--model", help="the LLM .gguf, when the directory has several"),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="the mmproj .gguf"),
-    temp: float = typer.Option(0.2, "--temp", help="sampling temperature (0 = greedy)"),
-    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
+    temp: float = typer.Option(0.2, "--temp", min=0.0, help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
+    top_k: int = typer.Option(40, "--top-k", min=0),
+    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", min=0.0),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
+    n_ctx: Optional[int] = typer.Option(None, "--ctx", "--n-ctx", min=64, help="context size (default: fits the image)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=64, help="context size (default: fits the image)"),
-    verbose: bool = typer.Option(False, "--verbose", help="show llama.cpp's logs"),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="layers to offload (-1: all)"),
+    json_out: bool = typer.Option(False, "--json", help="with --prompt: one JSON object with text, counts, timings"),
+    verbose: bool = typer.Option(False, "--verbose", help="llama.cpp's logs, and timings on stderr"),
 ) -> None:
-    """Answer one question about an image, streaming the answer."""
+    """Ask about images: with --prompt one answer streamed to stdout, otherwise an interactive chat."""
     from .runtime.locate import locate_pair
     from .runtime.model import LLaVA
 
-    try:
-        llm_path, mmproj_path = locate_pair(path, model, mmproj)
-        with LLaVA(llm_path, mmproj_path, n_ctx=n_ctx, n_threads=threads, seed=seed, verbose=verbose) as m:
-            for piece in m.stream_from_image(image, prompt, temperature=temp, max_tokens=max_tokens, seed=seed):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+    images = [_read_image_arg(i) for i in image or []]
+    sampling = dict(temperature=temp, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed,
+                    max_tokens=max_tokens)
+    llm_path, mmproj_path = locate_pair(path, model, mmproj)
+    with LLaVA(llm_path, mmproj_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, seed=seed,
+               verbose=verbose) as m:
+        session = m.chat(system)
+        if prompt is None:
+            from .repl import run_repl
+
+            run_repl(session, images, sampling, verbose=verbose)
+            return
+        pieces = session.ask(prompt, images, stream=True, **sampling)
+        if json_out:
+            text = "".join(pieces)
+            st = m.last
+            _print_json({"text": text.strip(), "prompt_tokens": st.prompt_tokens, "reused_tokens": st.reused_tokens,
+                         "generated_tokens": st.generated_tokens, "images_encoded": st.images_encoded,
+                         "prompt_seconds": round(st.prompt_seconds, 4),
+                         "first_token_seconds": round(st.first_token_seconds, 4),
+                         "generation_tokens_per_second": round(st.generation_tokens_per_second, 3)})
+            return
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
         sys.stdout.write("\n")
-    except LlavaGgufError as e:
-        _fail(e)
+        sys.stdout.flush()
+        if verbose:
+            typer.echo(_timings(m.last), err=True)
+
+
+def _read_image_arg(arg: str):
+    if arg == "-":
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise LlavaGgufError("--image - read nothing from stdin")
+        return data
+    return arg
+
+
+def _timings(st) -> str:
+    return (f"prompt: {st.prompt_tokens} tokens ({st.reused_tokens} from the cache, {st.evaluated_tokens} decoded, "
+            f"{st.images_encoded} image(s) encoded) in {st.prompt_seconds:.2f} s, "
+            f"{st.prompt_tokens_per_second:.1f} tok/s; first token after {st.first_token_seconds:.2f} s; "
+            f"{st.generated_tokens} tokens at {st.generation_tokens_per_second:.1f} tok/s")
 
 
 @app.command()

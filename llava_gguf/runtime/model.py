@@ -4,9 +4,12 @@ decoded into the LLM's KV cache at the image's place in the prompt -> sampling."
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,18 +66,60 @@ class Sampling:
     seed: int | None = None
 
 
+@dataclass
+class EvalStats:
+    """What the last prompt cost: how much of it came from the KV cache and what was computed."""
+
+    prompt_tokens: int = 0  # positions of the whole prompt (text tokens + image rows)
+    reused_tokens: int = 0  # taken from the KV cache (a prefix shared with what it held)
+    evaluated_tokens: int = 0  # decoded now
+    images: int = 0  # images in the prompt
+    images_encoded: int = 0  # of those, run through the vision tower now (the rest: embedding cache)
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0  # decoding the prompt, image encoding included
+    first_token_seconds: float = 0.0  # from the call to the first answer token
+    generate_seconds: float = 0.0  # from the first to the last answer token
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.evaluated_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return (self.generated_tokens - 1) / self.generate_seconds if self.generate_seconds and self.generated_tokens > 1 else 0.0
+
+
+DEVICES = {"cpu": None, "cuda": "CUDA", "metal": "Metal", "vulkan": "Vulkan"}
+
+
 class LLaVA:
     """A LLaVA model ready to answer questions about images.
 
-    >>> model = LLaVA("out/llava-F16.gguf", "out/mmproj-llava-F16.gguf")
+    >>> model = LLaVA("out/llava-Q4_K_M.gguf", "out/mmproj-llava-F16.gguf")
     >>> model.generate_from_image("cat.jpg", "What can you see?")
-    """
 
-    def __init__(self, model_path: str | Path, mmproj_path: str | Path, *, n_ctx: int | None = None,
-                 n_threads: int | None = None, n_gpu_layers: int = 0, seed: int | None = None,
-                 verbose: bool = False) -> None:
+    Also `LLaVA.load("out/")` for a directory `convert`/`quantize` wrote, and the reference
+    implementation's names: `LLaVA(language_model_path=..., vision_model_path=..., device="cpu")`.
+
+    Follow-up prompts reuse the KV cache for the prefix they share with what was evaluated before
+    (system prompt, earlier turns, images), and an image seen before is not encoded again (its
+    embedding rows are cached by content hash)."""
+
+    IMAGE_CACHE_BYTES = 256 * 2**20  # embedding rows kept for images seen before (LRU)
+
+    def __init__(self, model_path: str | Path | None = None, mmproj_path: str | Path | None = None, *,
+                 n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int | None = None,
+                 seed: int | None = None, verbose: bool = False, language_model_path: str | Path | None = None,
+                 vision_model_path: str | Path | None = None, device: str | None = None) -> None:
         from ..convert.families.llava15 import FAMILY
 
+        model_path = _one_of(model_path, language_model_path, "model_path", "language_model_path")
+        mmproj_path = _one_of(mmproj_path, vision_model_path, "mmproj_path", "vision_model_path")
+        if model_path is None or mmproj_path is None:
+            raise LlavaGgufError("LLaVA needs the language model and the mmproj",
+                                 "LLaVA(model_path, mmproj_path), or LLaVA.load(directory)")
+        if device is not None and n_gpu_layers is not None:
+            raise LlavaGgufError("give device or n_gpu_layers, not both")
         self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
         self.llm_info = read_gguf_info(self.model_path, "model")
         self.mmproj_info = read_gguf_info(self.mmproj_path, "mmproj")
@@ -89,13 +134,16 @@ class LLaVA:
         self.family_template = FAMILY.default_chat_template
         self.verbose = verbose
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
-        image_tokens = self.mmproj_info.image_tokens or 576
+        self.image_tokens = self.mmproj_info.image_tokens or 576
         if n_ctx is None:
-            n_ctx = max(2048, image_tokens + 1024)
+            n_ctx = max(2048, self.image_tokens + 1024)
             if self.llm_info.context_length:
                 n_ctx = min(n_ctx, int(self.llm_info.context_length))
         self.libs = native.configure()
         native.quiet_logs(verbose)
+        if device is not None:
+            n_gpu_layers = _device_layers(device)
+        n_gpu_layers = n_gpu_layers or 0
         lc = native.llama_cpp()
         self._lc = lc
         self._mtmd = native.mtmd_cpp()
@@ -116,9 +164,31 @@ class LLaVA:
         self._marker = self._mtmd.mtmd_default_marker().decode()
         vocab = self.llm.tokenize(IMAGE_PLACEHOLDER.encode(), add_bos=False, special=True)
         self._image_token = vocab[0] if len(vocab) == 1 else 0
+        self._spans: list[tuple[int, int, str]] = []  # (start, n, image hash) of images in the KV cache
+        self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.last = EvalStats()
+        self._t_call = 0.0
+
+    @property
+    def n_ctx(self) -> int:
+        """Positions the context holds (llama.cpp may round its own size up; llama-cpp-python's token
+        buffer is the size asked for)."""
+        return min(self.llm.n_ctx(), len(self.llm.input_ids))
+
+    @classmethod
+    def load(cls, path: str | Path, *, llm: str | Path | None = None, mmproj: str | Path | None = None,
+             **options) -> LLaVA:
+        """A directory that `convert`/`quantize` wrote: the LLM (the quantized one when there is exactly
+        one; `llm=` to choose) and its mmproj; `options` go to the constructor."""
+        from .locate import locate_pair
+
+        llm_path, mmproj_path = locate_pair(path, llm, mmproj)
+        return cls(llm_path, mmproj_path, **options)
 
     # ----------------------------------------------------------------- lifecycle
     def close(self) -> None:
+        if getattr(self, "_embeddings", None) is not None:
+            self._embeddings.clear()
         if getattr(self, "_ctx", None):
             self._mtmd.mtmd_free(self._ctx)
             self._ctx = None
@@ -140,18 +210,23 @@ class LLaVA:
 
     # ----------------------------------------------------------------- images
     def _bitmap(self, image: ImageInput):
+        """(mtmd bitmap, content hash of the normalised pixels)."""
         img = load_image(image)
         data = img.tobytes()
+        digest = hashlib.sha256(f"{img.width}x{img.height}:".encode() + data).hexdigest()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         bmp = self._mtmd.mtmd_bitmap_init(img.width, img.height, buf)
         if not bmp:
             raise LlavaGgufError("libmtmd could not take the image")
-        return bmp
+        return bmp, digest
 
-    def _tokenize(self, text: str, images: Sequence[ImageInput], add_special: bool):
+    def _tokenize(self, text: str, images: Sequence[ImageInput], add_special: bool, hashes: list | None = None):
         """mtmd chunks for `text`, whose IMAGE_PLACEHOLDERs are replaced by `images` in order."""
         mt = self._mtmd
-        bitmaps = [self._bitmap(im) for im in images]
+        loaded = [self._bitmap(im) for im in images]
+        bitmaps = [b for b, _ in loaded]
+        if hashes is not None:
+            hashes.extend(h for _, h in loaded)
         chunks = mt.mtmd_input_chunks_init()
         try:
             encoded = text.replace(IMAGE_PLACEHOLDER, self._marker).encode()
@@ -170,27 +245,61 @@ class LLaVA:
             for b in bitmaps:
                 mt.mtmd_bitmap_free(b)
 
-    def embed_image(self, image: ImageInput) -> np.ndarray:
-        """The rows the runtime feeds the LLM for `image`: shape (n_tokens, n_embd)."""
+    def _segments(self, chunks, hashes: list[str]) -> list[tuple]:
+        """("text", token ids) and ("image", hash, chunk, n positions) in prompt order."""
         mt = self._mtmd
-        chunks = self._tokenize(IMAGE_PLACEHOLDER, [image], add_special=False)
+        out, k = [], 0
+        for i in range(mt.mtmd_input_chunks_size(chunks)):
+            chunk = mt.mtmd_input_chunks_get(chunks, i)
+            if mt.mtmd_input_chunk_get_type(chunk) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mt.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                out.append(("text", [ptr[j] for j in range(n.value)]))
+            else:
+                out.append(("image", hashes[k], chunk, int(mt.mtmd_input_chunk_get_n_tokens(chunk))))
+                k += 1
+        return out
+
+    def _image_rows(self, digest: str, chunk) -> np.ndarray:
+        """The embedding rows of an image chunk: from the cache, or encoded now (and cached)."""
+        cached = self._embeddings.get(digest)
+        if cached is not None:
+            self._embeddings.move_to_end(digest)
+            return cached
+        mt = self._mtmd
+        n = mt.mtmd_input_chunk_get_n_tokens(chunk)
+        if mt.mtmd_encode_chunk(self._ctx, chunk) != 0:
+            raise LlavaGgufError("libmtmd failed to encode the image")
+        ptr = mt.mtmd_get_output_embd(self._ctx)
+        rows = np.ctypeslib.as_array(ptr, shape=(n * self.llm_info.n_embd,)).reshape(n, -1).copy()
+        self.last.images_encoded += 1
+        self._embeddings[digest] = rows
+        size = sum(v.nbytes for v in self._embeddings.values())
+        while len(self._embeddings) > 1 and size > self.IMAGE_CACHE_BYTES:
+            _, old = self._embeddings.popitem(last=False)
+            size -= old.nbytes
+        return rows
+
+    def embed_image(self, image: ImageInput) -> np.ndarray:
+        """The rows the runtime feeds the LLM for `image`: shape (n_tokens, n_embd) — after
+        pre-processing, the vision tower and the projector."""
+        mt = self._mtmd
+        hashes: list[str] = []
+        chunks = self._tokenize(IMAGE_PLACEHOLDER, [image], add_special=False, hashes=hashes)
         try:
-            for i in range(mt.mtmd_input_chunks_size(chunks)):
-                chunk = mt.mtmd_input_chunks_get(chunks, i)
-                if mt.mtmd_input_chunk_get_type(chunk) == mt.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    n = mt.mtmd_input_chunk_get_n_tokens(chunk)
-                    if mt.mtmd_encode_chunk(self._ctx, chunk) != 0:
-                        raise LlavaGgufError("libmtmd failed to encode the image")
-                    ptr = mt.mtmd_get_output_embd(self._ctx)
-                    return np.ctypeslib.as_array(ptr, shape=(n * self.llm_info.n_embd,)).reshape(n, -1).copy()
+            for seg in self._segments(chunks, hashes):
+                if seg[0] == "image":
+                    return self._image_rows(seg[1], seg[2]).copy()
         finally:
             mt.mtmd_input_chunks_free(chunks)
         raise LlavaGgufError("libmtmd produced no image chunk")
 
     # ----------------------------------------------------------------- evaluation
     def reset(self) -> None:
+        """Forget the KV cache (the image embedding cache stays)."""
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
+        self._spans = []
 
     def eval_chunks(self, chunks) -> list[int]:
         """Decode mtmd chunks after what the context holds; returns the context's token ids."""
@@ -233,6 +342,7 @@ class LLaVA:
         embd = np.ascontiguousarray(embd, dtype=np.float32)
         n, width = embd.shape
         self._check_room(n)
+        llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
         for s in range(0, n, llm.n_batch):
             part = embd[s:s + llm.n_batch]
             batch = lc.llama_batch_init(len(part), width, 1)
@@ -260,9 +370,9 @@ class LLaVA:
         return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
 
     def _check_room(self, n: int) -> None:
-        if self.llm.n_tokens + n > self.llm.n_ctx():
+        if self.llm.n_tokens + n > self.n_ctx:
             raise LlavaGgufError(f"the prompt needs {self.llm.n_tokens + n} tokens but the context holds "
-                                 f"{self.llm.n_ctx()}", "pass a larger n_ctx (--n-ctx)")
+                                 f"{self.n_ctx}", "pass a larger n_ctx (--ctx)")
 
     # ----------------------------------------------------------------- prompting
     def render(self, messages: list[Message]) -> str:
@@ -273,15 +383,87 @@ class LLaVA:
         return render_with_images(templates, messages, bos=bos, eos=eos)
 
     def eval_prompt(self, prompt: str, images: Sequence[ImageInput] = ()) -> list[int]:
-        """Start afresh with one user turn (the images before the text), rendered from the chat template
-        and decoded; returns the context's token ids (image positions carry the <image> id)."""
-        text = self.render([Message("user", prompt, n_images=len(images))])
-        self.reset()
-        chunks = self._tokenize(text, list(images), add_special=True)
+        """One user turn (the images before the text), rendered from the chat template and decoded
+        (reusing whatever prefix the KV cache already holds); returns the context's token ids (image
+        positions carry the <image> id)."""
+        return self.eval_messages([Message("user", prompt, n_images=len(images))], list(images))
+
+    def eval_messages(self, messages: list[Message], images: Sequence[ImageInput]) -> list[int]:
+        """Render `messages` (with a generation prompt) and make the KV cache hold exactly that prompt,
+        decoding only what differs from what it held. `images` fill the messages' image slots in order."""
+        t0 = self._t_call = time.perf_counter()
+        text = self.render(messages)
+        hashes: list[str] = []
+        chunks = self._tokenize(text, list(images), add_special=True, hashes=hashes)
         try:
-            return self.eval_chunks(chunks)
+            segs = self._segments(chunks, hashes)
+            self._evaluate(segs)
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
+        self.last.prompt_seconds = time.perf_counter() - t0
+        return self.llm.input_ids[: self.llm.n_tokens].tolist()
+
+    def count_prompt(self, messages: list[Message], images: Sequence[ImageInput]) -> int:
+        """Positions `messages` would take in the context (text tokens + image rows), without decoding."""
+        text = self.render(messages)
+        chunks = self._tokenize(text, list(images), add_special=True)
+        try:
+            mt = self._mtmd
+            return sum(int(mt.mtmd_input_chunk_get_n_tokens(mt.mtmd_input_chunks_get(chunks, i)))
+                       for i in range(mt.mtmd_input_chunks_size(chunks)))
+        finally:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+
+    def _held(self) -> list:
+        """What the KV cache holds, position by position: token ids, and (hash, k) for image rows."""
+        llm = self.llm
+        items: list = llm.input_ids[: llm.n_tokens].tolist()
+        live = []
+        for start, n, digest in self._spans:
+            if start + n <= llm.n_tokens and all(t == self._image_token for t in items[start:start + n]):
+                items[start:start + n] = [(digest, k) for k in range(n)]
+                live.append((start, n, digest))
+        self._spans = live
+        return items
+
+    def _evaluate(self, segs: list[tuple]) -> None:
+        llm = self.llm
+        want: list = []
+        for seg in segs:
+            want += seg[1] if seg[0] == "text" else [(seg[1], k) for k in range(seg[3])]
+        n_ctx = self.n_ctx
+        if len(want) >= n_ctx:
+            raise LlavaGgufError(f"the prompt needs {len(want)} tokens ({sum(1 for x in want if isinstance(x, tuple))} "
+                                 f"for images) but the context holds {n_ctx}", "pass a larger n_ctx (--ctx)")
+        held = self._held()
+        p = 0
+        for a, b in zip(held, want):
+            if a != b:
+                break
+            p += 1
+        p = min(p, len(want) - 1)  # the last position is always decoded again: its logits are needed
+        pos = 0
+        for seg in segs:  # never start inside an image
+            n = len(seg[1]) if seg[0] == "text" else seg[3]
+            if seg[0] == "image" and pos < p < pos + n:
+                p = pos
+            pos += n
+        self.last = EvalStats(prompt_tokens=len(want), reused_tokens=p, evaluated_tokens=len(want) - p,
+                              images=sum(1 for seg in segs if seg[0] == "image"))
+        llm.n_tokens = p
+        llm._ctx.kv_cache_seq_rm(-1, p, -1)
+        self._spans = [sp for sp in self._spans if sp[0] + sp[1] <= p]
+        pos = 0
+        for seg in segs:
+            n = len(seg[1]) if seg[0] == "text" else seg[3]
+            if pos + n > p:
+                if seg[0] == "text":
+                    llm.eval(seg[1][max(0, p - pos):])
+                else:
+                    rows = self._image_rows(seg[1], seg[2])
+                    self.eval_embeddings(rows)
+                    self._spans.append((pos, n, seg[1]))
+            pos += n
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._lc.llama_vocab_is_eog(self.llm._model.vocab, token))
@@ -290,14 +472,31 @@ class LLaVA:
                           top_p: float = 0.95, top_k: int = 40, repeat_penalty: float = 1.1,
                           stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
         """Like generate_from_image, yielding text pieces as they are decoded."""
-        prompt_ids = self.eval_prompt(prompt, [image])
+        yield from self.stream_messages([Message("user", prompt, n_images=1)], [image], max_tokens=max_tokens,
+                                        temperature=temperature, top_p=top_p, top_k=top_k,
+                                        repeat_penalty=repeat_penalty, stop=stop, seed=seed)
+
+    def generate_from_image(self, image: ImageInput, prompt: str, **sampling) -> str:
+        """Answer `prompt` about `image`: max_tokens=256, temperature=0.2 (0 = greedy), top_p=0.95,
+        top_k=40, repeat_penalty=1.1, stop=None (a string or strings that end the answer, not
+        included), seed=None (random)."""
+        return "".join(self.stream_from_image(image, prompt, **sampling))
+
+    def stream_messages(self, messages: list[Message], images: Sequence[ImageInput], *, max_tokens: int = 256,
+                        temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40, repeat_penalty: float = 1.1,
+                        stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
+        """The answer to a whole conversation (`messages`, their images in order), streamed."""
+        prompt_ids = self.eval_messages(messages, images)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         yield from self._sample(prompt_ids, Sampling(max_tokens, temperature, top_p, top_k, 0.05, repeat_penalty,
                                                      stops, seed))
 
-    def generate_from_image(self, image: ImageInput, prompt: str, **sampling) -> str:
-        """Answer `prompt` about `image`. temperature=0 is greedy."""
-        return "".join(self.stream_from_image(image, prompt, **sampling))
+    def chat(self, system: str | None = None, *, on_overflow: str = "error"):
+        """A multi-turn conversation; follow-up turns decode only what is new. `on_overflow`: "error" or
+        "drop_oldest" (drop the oldest turns when the conversation no longer fits the context)."""
+        from .session import ChatSession
+
+        return ChatSession(self, system, on_overflow=on_overflow)
 
     def _sample(self, prompt_ids: list[int], s: Sampling) -> Iterator[str]:
         llm = self.llm
@@ -307,17 +506,29 @@ class LLaVA:
         emitted = 0
         held = ""
         n = 0
+        t_first = None
+        started = False
+        stats = self.last
         for token in llm.generate(prompt_ids, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
                                   repeat_penalty=s.repeat_penalty, reset=True):
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now
+                stats.first_token_seconds = now - self._t_call
+            stats.generate_seconds = now - t_first
             if self._lc.llama_vocab_is_eog(llm._model.vocab, token) or n >= s.max_tokens:
                 break
             n += 1
+            stats.generated_tokens = n
             out += llm.detokenize([token], prev_tokens=None)
             text = out.decode("utf-8", errors="ignore") if _complete_utf8(out) else None
             if text is None:
                 continue
             piece = text[emitted:]
             emitted = len(text)
+            if not held and not started:
+                piece = piece.lstrip()  # the space SentencePiece puts before the answer's first word
+                started = bool(piece)
             held += piece
             hit = next((st for st in s.stop if st in held), None)
             if hit is not None:
@@ -330,10 +541,32 @@ class LLaVA:
             elif not keep:
                 yield held
                 held = ""
-            if llm.n_tokens >= llm.n_ctx() - 1:
+            if llm.n_tokens >= self.n_ctx - 1:
                 break
         if held:
             yield held
+
+
+def _one_of(a, b, name_a: str, name_b: str):
+    if a is not None and b is not None:
+        raise LlavaGgufError(f"give {name_a} or {name_b}, not both (they name the same file)")
+    return a if a is not None else b
+
+
+def _device_layers(device: str) -> int:
+    """n_gpu_layers for a device name: 0 for the CPU, all layers (-1) for a GPU the build has."""
+    key = device.lower()
+    if key not in DEVICES:
+        raise LlavaGgufError(f"unknown device {device!r}", f"choose one of {', '.join(DEVICES)}")
+    if DEVICES[key] is None:
+        return 0
+    have = native.backend_devices()
+    if not any(DEVICES[key].lower() in (d["name"] + " " + d["description"]).lower() and d["type"] != "cpu"
+               for d in have):
+        names = ", ".join(d["name"] for d in have) or "none"
+        raise LlavaGgufError(f"device {device!r} is not in this build (its devices: {names})",
+                             f"rebuild with the {DEVICES[key]} backend (CMAKE_ARGS=-DGGML_{DEVICES[key].upper()}=ON) or use device='cpu'")
+    return -1
 
 
 def _complete_utf8(buf: bytearray) -> bool:

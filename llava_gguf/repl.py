@@ -1,0 +1,130 @@
+"""`llava-gguf chat` without --prompt: an interactive conversation (readline history where available).
+
+Answers stream to stdout; everything else (banner, command output, errors, timings) goes to stderr.
+Ctrl-C stops the current answer (the part already written stays in the conversation), not the session;
+Ctrl-D (EOF) or /quit ends it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import LlavaGgufError
+
+HELP = """commands:
+  /image PATH   attach an image to your next message (repeatable)
+  /reset        start the conversation again
+  /save FILE    write the transcript as JSON
+  /stats        prompt and generation timings of the last answer
+  /help         this text
+  /quit         leave (Ctrl-D too)"""
+
+
+def _history_file() -> Path:
+    import os
+
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-gguf"
+    return base / "chat_history"
+
+
+def _readline():
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - Windows without pyreadline
+        return None
+    hist = _history_file()
+    try:
+        hist.parent.mkdir(parents=True, exist_ok=True)
+        if hist.is_file():
+            readline.read_history_file(hist)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    return readline
+
+
+def run_repl(session, images: list, sampling: dict, *, verbose: bool = False) -> None:
+    from .cli import _timings
+
+    err = sys.stderr
+    rl = _readline()
+    pending = list(images)
+    err.write("llava-gguf chat — /help for commands, Ctrl-D to leave\n")
+    if pending:
+        err.write(f"({len(pending)} image(s) attached to your first message)\n")
+    err.flush()
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                err.write("\n")
+                break
+            except KeyboardInterrupt:
+                err.write("\n")
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                cmd, _, arg = line.partition(" ")
+                arg = arg.strip()
+                if cmd in ("/quit", "/exit"):
+                    break
+                if cmd == "/help":
+                    err.write(HELP + "\n")
+                elif cmd == "/reset":
+                    session.reset()
+                    pending = []
+                    err.write("(conversation reset)\n")
+                elif cmd == "/image":
+                    if not arg:
+                        err.write("usage: /image PATH\n")
+                    else:
+                        from .runtime.images import load_image
+
+                        try:
+                            load_image(Path(arg).expanduser())
+                            pending.append(str(Path(arg).expanduser()))
+                            err.write(f"(image attached: {arg})\n")
+                        except LlavaGgufError as e:
+                            err.write(f"error: {e.one_line()}\n")
+                elif cmd == "/save":
+                    if not arg:
+                        err.write("usage: /save FILE\n")
+                    else:
+                        try:
+                            session.save(arg)
+                            err.write(f"(saved {arg})\n")
+                        except OSError as e:
+                            err.write(f"error: cannot write {arg}: {e.strerror}\n")
+                elif cmd == "/stats":
+                    err.write(_timings(session.model.last) + "\n")
+                else:
+                    err.write(f"unknown command {cmd} (/help lists them)\n")
+                err.flush()
+                continue
+            pieces = None
+            try:
+                pieces = session.ask(line, pending, stream=True, **sampling)
+                pending = []
+                for piece in pieces:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            except KeyboardInterrupt:
+                if pieces is not None:
+                    pieces.close()
+                sys.stdout.write("\n")
+                err.write("(stopped)\n")
+            except LlavaGgufError as e:
+                err.write(f"error: {e.one_line()}\n")
+            sys.stdout.flush()
+            if verbose:
+                err.write(_timings(session.model.last) + "\n")
+            err.flush()
+    finally:
+        if rl is not None:
+            try:
+                rl.write_history_file(_history_file())
+            except OSError:
+                pass
