@@ -23,6 +23,9 @@ def _open_bytes(data: bytes, what: str):
     except UnidentifiedImageError:
         raise LlavaGgufError(f"{what} is not an image Pillow can read",
                              "use JPEG, PNG, WebP, GIF, BMP or TIFF") from None
+    except Image.DecompressionBombError as e:
+        raise LlavaGgufError(f"{what} is too large to decode safely ({e})"[:300],
+                             "scale it down first (Pillow's decompression-bomb limit)") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise LlavaGgufError(f"{what} is a damaged image ({e})") from None
     return img
