@@ -80,8 +80,10 @@ def test_bad_images_are_one_line(outdir, image, tmp_path):
     (tmp_path / "bomb.png").write_bytes(_png_bomb(40000, 40000))
     (tmp_path / "cut.png").write_bytes(image.read_bytes()[:200])
     (tmp_path / "text.jpg").write_text("hello")
+    # an iPhone photo's first bytes; pillow-heif (the optional 'heic' extra) is not in the dev set-up
+    (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
     for name, words in [("bomb.png", "too large"), ("cut.png", "damaged"), ("text.jpg", "not an image"),
-                        ("missing.png", "does not exist")]:
+                        ("missing.png", "does not exist"), ("photo.heic", "llava-gguf[heic]")]:
         p = run_cli("chat", str(outdir), "--image", str(tmp_path / name), "--prompt", "hi")
         assert p.returncode == 1 and words in p.stderr, (name, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1 and p.stdout == ""

@@ -14,9 +14,24 @@ from ..errors import LlavaGgufError
 ImageInput = Union[str, Path, bytes, Any]
 
 
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+
+
+def _heif_opener(what: str) -> None:
+    """HEIC/HEIF (iPhone photos) through the optional `pillow-heif` (pip install 'llava-gguf[heic]')."""
+    try:
+        import pillow_heif
+    except ImportError:
+        raise LlavaGgufError(f"{what} is a HEIC/HEIF image, which needs the optional extra 'heic'",
+                             "pip install 'llava-gguf[heic]' (pillow-heif), or convert it to JPEG") from None
+    pillow_heif.register_heif_opener()
+
+
 def _open_bytes(data: bytes, what: str):
     from PIL import Image, UnidentifiedImageError
 
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        _heif_opener(what)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()

@@ -500,6 +500,8 @@ class LLaVA:
 
     def _sample(self, prompt_ids: list[int], s: Sampling) -> Iterator[str]:
         llm = self.llm
+        if s.max_tokens <= 0:
+            return
         if s.seed is not None:
             llm.set_seed(s.seed)
         out = bytearray()
@@ -516,13 +518,17 @@ class LLaVA:
                 t_first = now
                 stats.first_token_seconds = now - self._t_call
             stats.generate_seconds = now - t_first
-            if self._lc.llama_vocab_is_eog(llm._model.vocab, token) or n >= s.max_tokens:
+            if self._lc.llama_vocab_is_eog(llm._model.vocab, token):
                 break
             n += 1
             stats.generated_tokens = n
+            # stop after the last wanted token, without asking llama.cpp for one more
+            last = n >= s.max_tokens or llm.n_tokens >= self.n_ctx - 1
             out += llm.detokenize([token], prev_tokens=None)
             text = out.decode("utf-8", errors="ignore") if _complete_utf8(out) else None
             if text is None:
+                if last:
+                    break
                 continue
             piece = text[emitted:]
             emitted = len(text)
@@ -541,7 +547,7 @@ class LLaVA:
             elif not keep:
                 yield held
                 held = ""
-            if llm.n_tokens >= self.n_ctx - 1:
+            if last:
                 break
         if held:
             yield held

@@ -1,0 +1,198 @@
+"""Chat speed at LLaVA-1.5-7B geometry, Q4_K_M, 2 threads: our API vs llama-cpp-python's stock
+Llava15ChatHandler vs llama.cpp's llama-mtmd-cli, side by side in one run.
+
+Uses the convert/quantize benchmarks' F16 GGUF (building the checkpoint and converting it if needed,
+~30 GB outside the repository) and quantizes it to Q4_K_M once. Random weights: speed does not depend
+on their values. Each contender runs in its own process (GNU time gives its peak RSS) with the same
+files, image (336x336), prompt, greedy sampling and answer length:
+  - ours: `LLaVA(...)`, `chat().ask(...)` streamed, then a follow-up question about the same image;
+  - stock: `Llama(chat_handler=Llava15ChatHandler(...))` + `create_chat_completion(stream=True)`, then the
+    same conversation with the follow-up (the handler clears the cache and encodes the image again);
+  - llama-mtmd-cli: one turn (it has no scripted follow-up); its own perf counters give load, prompt and
+    generation figures.
+
+    .venv/bin/python bench/chat.py [--workdir DIR] [--tokens N]
+
+writes its table into docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import free_gb, peak_rss_run, update_doc  # noqa: E402
+
+PROMPT = "What is in the image?"
+FOLLOW_UP = "And which colours are there?"
+
+OURS = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from llava_gguf import LLaVA
+llm, mmproj, image, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+m = LLaVA(llm, mmproj, n_threads=2, n_ctx=2048)
+load = time.perf_counter() - t0
+s = m.chat()
+out = {"load": load}
+for key, question, imgs in (("first", %r, [image]), ("follow", %r, [])):
+    t = time.perf_counter()
+    n = 0
+    for piece in s.ask(question, imgs, stream=True, temperature=0, max_tokens=tokens, repeat_penalty=1.0):
+        n += 1
+    st = m.last
+    out[key] = {"ttft": st.first_token_seconds, "tok_s": st.generation_tokens_per_second,
+                "generated": st.generated_tokens, "evaluated": st.evaluated_tokens,
+                "images_encoded": st.images_encoded, "total": time.perf_counter() - t}
+print(json.dumps(out))
+""" % (PROMPT, FOLLOW_UP)
+
+STOCK = r"""
+import base64, json, sys, time
+from llava_gguf.runtime import native
+native.configure()
+t0 = time.perf_counter()
+import llama_cpp
+from llama_cpp.llama_chat_format import Llava15ChatHandler
+llm, mmproj, image, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+handler = Llava15ChatHandler(clip_model_path=mmproj, verbose=False)
+model = llama_cpp.Llama(model_path=llm, chat_handler=handler, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
+load = time.perf_counter() - t0
+uri = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                         {"type": "text", "text": %r}]}]
+out = {"load": load}
+for key in ("first", "follow"):
+    t = time.perf_counter()
+    first, n, text = None, 0, ""
+    for chunk in model.create_chat_completion(messages=messages, stream=True, max_tokens=tokens, temperature=0,
+                                              repeat_penalty=1.0):
+        delta = chunk["choices"][0]["delta"].get("content")
+        if delta:
+            n += 1
+            text += delta
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    out[key] = {"ttft": first - t, "tok_s": (n - 1) / (end - first) if n > 1 else 0.0, "generated": n, "total": end - t}
+    messages += [{"role": "assistant", "content": text}, {"role": "user", "content": %r}]
+print(json.dumps(out))
+""" % (PROMPT, FOLLOW_UP)
+
+
+def run_script(script: str, args: list[str]) -> tuple[dict, float, int]:
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(script)
+    out = tempfile.NamedTemporaryFile("r", suffix=".json", delete=False)
+    try:
+        wall, rss, rc, _ = peak_rss_run(["bash", "-c", f"{sys.executable} {f.name} {' '.join(args)} > {out.name}"])
+        if rc != 0:
+            sys.exit(f"{script.splitlines()[1]} ... failed (exit {rc})")
+        return json.loads(Path(out.name).read_text().strip().splitlines()[-1]), wall, rss
+    finally:
+        os.unlink(f.name)
+        os.unlink(out.name)
+
+
+def run_mtmd_cli(tool: Path, llm: Path, mmproj: Path, image: Path, tokens: int) -> tuple[dict, float, int]:
+    """One turn of llama-mtmd-cli; first-token and per-token times from when its answer bytes arrive
+    (it flushes every token), its load time from its own log's timestamps (minutes.seconds.ms.us since
+    start) at the line that starts encoding the image."""
+    template = ("{%- for m in messages -%}{%- if m['role'] == 'user' -%}USER: "
+                "{{ m['content'] | replace('<__media__>', '<__media__>\n') }} ASSISTANT:{%- endif -%}{%- endfor -%}")
+    cmd = [str(tool), "-m", str(llm), "--mmproj", str(mmproj), "--image", str(image), "-p", PROMPT, "--temp", "0",
+           "-n", str(tokens), "--jinja", "--chat-template", template, "-t", "2", "-c", "2048", "--ignore-eos"]
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf, tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(["/usr/bin/time", "-f", "RESULT %M", "-o", tf.name, *cmd], stdout=subprocess.PIPE,
+                             stderr=log)
+        arrivals = []
+        while True:
+            chunk = os.read(p.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            if chunk.strip():
+                arrivals.append(time.perf_counter() - t0)
+        rc = p.wait()
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        text = log.read()
+        rss = int(next(ln.split()[1] for ln in Path(tf.name).read_text().splitlines() if ln.startswith("RESULT")))
+    if rc != 0 or not arrivals:
+        sys.exit(f"llama-mtmd-cli failed (exit {rc}): {text[-500:]}")
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)\.(\d+) I encoding mtmd batch", text)
+    load = (int(m.group(1)) * 60 + int(m.group(2)) + int(m.group(3)) / 1e3 + int(m.group(4)) / 1e6) if m else 0.0
+    first = arrivals[0]
+    gen = (tokens - 1) / (arrivals[-1] - first) if arrivals[-1] > first else float("nan")
+    return {"load": load, "first": {"ttft": first - load, "tok_s": gen}}, wall, rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("LLAVA_GGUF_BENCH_DIR", "/tmp/llava-gguf-bench")))
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--no-doc", action="store_true")
+    args = ap.parse_args()
+    f16 = args.workdir / "f16" / "llava-1.5-7b-geometry-F16.gguf"
+    mmproj = args.workdir / "f16" / "mmproj-llava-1.5-7b-geometry-F16.gguf"
+    q4 = args.workdir / "f16" / "llava-1.5-7b-geometry-Q4_K_M.gguf"
+    if not f16.is_file():
+        if free_gb(args.workdir.parent if not args.workdir.exists() else args.workdir) < 35:
+            sys.exit("need ~35 GB free to build the 7B-geometry checkpoint and its F16 GGUF")
+        subprocess.run([sys.executable, str(ROOT / "bench" / "quantize.py"), "--workdir", str(args.workdir),
+                        "--no-doc"], check=True)
+    if not q4.is_file():
+        subprocess.run([sys.executable, "-m", "llava_gguf", "quantize", str(f16), "--type", "Q4_K_M", "--threads", "2"],
+                       check=True)
+    from llava_gguf.runtime import native
+    from llava_gguf.tiny import sample_image
+
+    image = args.workdir / "bench-image.png"
+    sample_image(336, seed=7).save(image)
+    tool = native.configure().tools_dir / "llama-mtmd-cli"
+    a = [str(q4), str(mmproj), str(image), str(args.tokens)]
+    results = {}
+    for label, fn in (("llava-gguf API (ours)", lambda: run_script(OURS, a)),
+                      ("llama-cpp-python Llava15ChatHandler (stock)", lambda: run_script(STOCK, a)),
+                      ("llama-mtmd-cli (native)", lambda: run_mtmd_cli(tool, q4, mmproj, image, args.tokens))):
+        os.sync()
+        time.sleep(2)
+        r, wall, rss = fn()
+        results[label] = (r, wall, rss)
+        print(label, json.dumps(r), f"wall {wall:.1f} s, peak RSS {rss / 1024:.0f} MB", flush=True)
+    native_tok = results["llama-mtmd-cli (native)"][0]["first"]["tok_s"]
+    rows = ["| | load | first turn: time to first token | generation | follow-up: time to first token | "
+            "follow-up / first | tok/s vs native | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for label, (r, wall, rss) in results.items():
+        first, follow = r["first"], r.get("follow")
+        fu = f"{follow['ttft']:.2f} s" if follow else "— (single turn)"
+        ratio = f"{follow['ttft'] / first['ttft']:.3f}" if follow else "—"
+        rows.append(f"| {label} | {r['load']:.1f} s | {first['ttft']:.1f} s | {first['tok_s']:.2f} tok/s | {fu} | "
+                    f"{ratio} | {first['tok_s'] / native_tok:.3f}x | {rss / 1024:.0f} MB |")
+    table = "\n".join(rows)
+    ours = results["llava-gguf API (ours)"][0]
+    body = (f"LLaVA-1.5-7B geometry (random weights) quantized to Q4_K_M ({q4.stat().st_size / 1e9:.2f} GB) + F16 mmproj, "
+            f"a 336x336 image, greedy, {args.tokens} answer tokens, 2 threads, n_ctx 2048; {os.cpu_count()} cores; "
+            f"each contender in its own process, one run each.\n\n{table}\n\n"
+            f"Follow-up: ours decoded {ours['follow']['evaluated']} new positions and encoded "
+            f"{ours['follow']['images_encoded']} images (the stock handler clears its cache and encodes the image "
+            f"again for every request). llama-mtmd-cli: load = its log's timestamp when it starts encoding the "
+            f"image; first token and tokens/s from when its (flushed) answer bytes arrive. The stock handler runs on our libraries "
+            f"(it loads libmtmd from MTMD_CPP_LIB), so its image features are correct here too; its speed is what "
+            f"matters.\n\nCommand: `python bench/chat.py` ({time.strftime('%Y-%m-%d')})")
+    if not args.no_doc:
+        update_doc(ROOT / "docs" / "benchmarks.md", "chat", "Chat (chat, Python API)", body)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
