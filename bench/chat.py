@@ -74,15 +74,17 @@ out = {"load": load}
 for key in ("first", "follow"):
     t = time.perf_counter()
     first, n, text = None, 0, ""
+    # random weights: keep it from ending at once (end-of-sequence banned), like --ignore-eos for the CLI
     for chunk in model.create_chat_completion(messages=messages, stream=True, max_tokens=tokens, temperature=0,
-                                              repeat_penalty=1.0):
-        delta = chunk["choices"][0]["delta"].get("content")
-        if delta:
+                                              repeat_penalty=1.0, logit_bias={str(model.token_eos()): -1e9}):
+        delta = chunk["choices"][0]["delta"]
+        if "content" in delta:  # one chunk per token (random weights: often an empty piece)
             n += 1
-            text += delta
+            text += delta["content"] or ""
             if first is None:
                 first = time.perf_counter()
     end = time.perf_counter()
+    first = first or end
     out[key] = {"ttft": first - t, "tok_s": (n - 1) / (end - first) if n > 1 else 0.0, "generated": n, "total": end - t}
     messages += [{"role": "assistant", "content": text}, {"role": "user", "content": %r}]
 print(json.dumps(out))
@@ -104,36 +106,32 @@ def run_script(script: str, args: list[str]) -> tuple[dict, float, int]:
 
 
 def run_mtmd_cli(tool: Path, llm: Path, mmproj: Path, image: Path, tokens: int) -> tuple[dict, float, int]:
-    """One turn of llama-mtmd-cli; first-token and per-token times from when its answer bytes arrive
-    (it flushes every token), its load time from its own log's timestamps (minutes.seconds.ms.us since
-    start) at the line that starts encoding the image."""
+    """One turn of llama-mtmd-cli, timed by its own counters (`--perf -lv 4`): load, image encode, prompt
+    eval (image rows + text), and per-token eval."""
     template = ("{%- for m in messages -%}{%- if m['role'] == 'user' -%}USER: "
                 "{{ m['content'] | replace('<__media__>', '<__media__>\n') }} ASSISTANT:{%- endif -%}{%- endfor -%}")
     cmd = [str(tool), "-m", str(llm), "--mmproj", str(mmproj), "--image", str(image), "-p", PROMPT, "--temp", "0",
-           "-n", str(tokens), "--jinja", "--chat-template", template, "-t", "2", "-c", "2048", "--ignore-eos"]
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf, tempfile.TemporaryFile("w+") as log:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(["/usr/bin/time", "-f", "RESULT %M", "-o", tf.name, *cmd], stdout=subprocess.PIPE,
-                             stderr=log)
-        arrivals = []
-        while True:
-            chunk = os.read(p.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            if chunk.strip():
-                arrivals.append(time.perf_counter() - t0)
-        rc = p.wait()
-        wall = time.perf_counter() - t0
-        log.seek(0)
-        text = log.read()
-        rss = int(next(ln.split()[1] for ln in Path(tf.name).read_text().splitlines() if ln.startswith("RESULT")))
-    if rc != 0 or not arrivals:
+           "-n", str(tokens), "--jinja", "--chat-template", template, "-t", "2", "-c", "2048", "--ignore-eos",
+           "--perf", "-lv", "4"]
+    with tempfile.NamedTemporaryFile("r", suffix=".log", delete=False) as log:
+        quoted = " ".join("'" + c.replace("'", "'\\''") + "'" for c in cmd)
+        wall, rss, rc, _ = peak_rss_run(["bash", "-c", f"{quoted} > /dev/null 2> {log.name}"])
+        text = Path(log.name).read_text(errors="replace")
+    os.unlink(log.name)
+
+    def ms(pattern: str) -> float:
+        found = re.findall(pattern, text)
+        return sum(float(x) for x in found) / 1000 if found else float("nan")
+
+    load = ms(r"llama_perf_context_print:\s+load time =\s+([\d.]+) ms")
+    if rc != 0 or load != load:
         sys.exit(f"llama-mtmd-cli failed (exit {rc}): {text[-500:]}")
-    m = re.search(r"(\d+)\.(\d+)\.(\d+)\.(\d+) I encoding mtmd batch", text)
-    load = (int(m.group(1)) * 60 + int(m.group(2)) + int(m.group(3)) / 1e3 + int(m.group(4)) / 1e6) if m else 0.0
-    first = arrivals[0]
-    gen = (tokens - 1) / (arrivals[-1] - first) if arrivals[-1] > first else float("nan")
-    return {"load": load, "first": {"ttft": first - load, "tok_s": gen}}, wall, rss
+    encode = ms(r"image slice encoded in (\d+) ms")
+    if encode != encode:  # not logged per slice: the batch line
+        encode = ms(r"mtmd batch encoding done in (\d+) ms")
+    prompt = ms(r"prompt eval time =\s+([\d.]+) ms")
+    m = re.search(r"\seval time =\s+[\d.]+ ms /\s+\d+ runs.*?([\d.]+) tokens per second", text)
+    return {"load": load, "first": {"ttft": encode + prompt, "tok_s": float(m.group(1)) if m else float("nan")}}, wall, rss
 
 
 def main() -> None:
@@ -185,8 +183,10 @@ def main() -> None:
             f"each contender in its own process, one run each.\n\n{table}\n\n"
             f"Follow-up: ours decoded {ours['follow']['evaluated']} new positions and encoded "
             f"{ours['follow']['images_encoded']} images (the stock handler clears its cache and encodes the image "
-            f"again for every request). llama-mtmd-cli: load = its log's timestamp when it starts encoding the "
-            f"image; first token and tokens/s from when its (flushed) answer bytes arrive. The stock handler runs on our libraries "
+            f"again for every request). llama-mtmd-cli's figures are its own counters (`--perf`): first token = "
+            f"image encode + prompt eval (image rows and text), after loading; its tokens/s comes from its own "
+            f"eval counter at `-lv 4` (debug logging on), ours and the stock handler's from when tokens reach "
+            f"the caller, sampling included. The stock handler runs on our libraries "
             f"(it loads libmtmd from MTMD_CPP_LIB), so its image features are correct here too; its speed is what "
             f"matters.\n\nCommand: `python bench/chat.py` ({time.strftime('%Y-%m-%d')})")
     if not args.no_doc:
