@@ -208,7 +208,13 @@ def chat(
     from .runtime.locate import locate_pair
     from .runtime.model import LLaVA
 
+    if prompt is None and (json_out or "-" in (image or [])):
+        raise LlavaGgufError("--json and --image - need --prompt", "the interactive session reads your questions from stdin")
     images = [_read_image_arg(i) for i in image or []]
+    from .runtime.images import load_image
+
+    for im in images:
+        load_image(im)  # a bad image fails now, before the model loads
     sampling = dict(temperature=temp, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed,
                     max_tokens=max_tokens)
     llm_path, mmproj_path = locate_pair(path, model, mmproj)

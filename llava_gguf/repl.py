@@ -62,51 +62,24 @@ def run_repl(session, images: list, sampling: dict, *, verbose: bool = False) ->
             except KeyboardInterrupt:
                 err.write("\n")
                 continue
+            except UnicodeDecodeError:
+                err.write("error: that line is not valid text in this terminal's encoding\n")
+                continue
             line = line.strip()
             if not line:
                 continue
             if line.startswith("/"):
-                cmd, _, arg = line.partition(" ")
-                arg = arg.strip()
-                if cmd in ("/quit", "/exit"):
-                    break
-                if cmd == "/help":
-                    err.write(HELP + "\n")
-                elif cmd == "/reset":
-                    session.reset()
-                    pending = []
-                    err.write("(conversation reset)\n")
-                elif cmd == "/image":
-                    if not arg:
-                        err.write("usage: /image PATH\n")
-                    else:
-                        from .runtime.images import load_image
-
-                        try:
-                            load_image(Path(arg).expanduser())
-                            pending.append(str(Path(arg).expanduser()))
-                            err.write(f"(image attached: {arg})\n")
-                        except LlavaGgufError as e:
-                            err.write(f"error: {e.one_line()}\n")
-                elif cmd == "/save":
-                    if not arg:
-                        err.write("usage: /save FILE\n")
-                    else:
-                        try:
-                            session.save(arg)
-                            err.write(f"(saved {arg})\n")
-                        except OSError as e:
-                            err.write(f"error: cannot write {arg}: {e.strerror}\n")
-                elif cmd == "/stats":
-                    err.write(_timings(session.model.last) + "\n")
-                else:
-                    err.write(f"unknown command {cmd} (/help lists them)\n")
+                try:
+                    if _command(line, session, pending):
+                        break
+                except KeyboardInterrupt:
+                    err.write("\n(interrupted)\n")
                 err.flush()
                 continue
             pieces = None
+            before = len(session.turns)
             try:
-                pieces = session.ask(line, pending, stream=True, **sampling)
-                pending = []
+                pieces = session.ask(line, list(pending), stream=True, **sampling)
                 for piece in pieces:
                     sys.stdout.write(piece)
                     sys.stdout.flush()
@@ -118,6 +91,11 @@ def run_repl(session, images: list, sampling: dict, *, verbose: bool = False) ->
                 err.write("(stopped)\n")
             except LlavaGgufError as e:
                 err.write(f"error: {e.one_line()}\n")
+                if pending and len(session.turns) == before:
+                    err.write("(the attached images were dropped; /image attaches again)\n")
+                    pending.clear()
+            if len(session.turns) != before:
+                pending.clear()  # they went with the message
             sys.stdout.flush()
             if verbose:
                 err.write(_timings(session.model.last) + "\n")
@@ -128,3 +106,46 @@ def run_repl(session, images: list, sampling: dict, *, verbose: bool = False) ->
                 rl.write_history_file(_history_file())
             except OSError:
                 pass
+
+
+def _command(line: str, session, pending: list) -> bool:
+    """Run a /command; True means leave."""
+    from .cli import _timings
+    from .runtime.images import load_image
+
+    err = sys.stderr
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/quit", "/exit"):
+        return True
+    if cmd == "/help":
+        err.write(HELP + "\n")
+    elif cmd == "/reset":
+        session.reset()
+        pending.clear()
+        err.write("(conversation reset)\n")
+    elif cmd == "/image":
+        if not arg:
+            err.write("usage: /image PATH\n")
+        else:
+            path = Path(arg).expanduser()
+            try:
+                load_image(path)
+                pending.append(str(path))
+                err.write(f"(image attached: {arg})\n")
+            except LlavaGgufError as e:
+                err.write(f"error: {e.one_line()}\n")
+    elif cmd == "/save":
+        if not arg:
+            err.write("usage: /save FILE\n")
+        else:
+            try:
+                session.save(Path(arg).expanduser())
+                err.write(f"(saved {arg})\n")
+            except (OSError, UnicodeError) as e:
+                err.write(f"error: cannot write {arg}: {getattr(e, 'strerror', None) or e}\n")
+    elif cmd == "/stats":
+        err.write(_timings(session.model.last) + "\n")
+    else:
+        err.write(f"unknown command {cmd} (/help lists them)\n")
+    return False

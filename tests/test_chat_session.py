@@ -165,3 +165,27 @@ def test_constructor_names_and_load(pair, tmp_path):
         LLaVA.load(d)
     with LLaVA.load(d, llm=d / "m-F32.gguf") as m:
         assert m.model_path.name == "m-F32.gguf"
+
+
+def test_failed_turns_leave_the_conversation_as_it_was(pair):
+    img = sample_image(112, seed=1)
+    with LLaVA(*pair, n_ctx=160) as m:
+        s = m.chat()
+        s.ask("Hi?", [img], temperature=0, max_tokens=2)
+        before = list(s.turns)
+        with pytest.raises(LlavaGgufError, match="context holds 160"):
+            s.ask("Tell me more. " * 40, **GREEDY)
+        assert s.turns == before and s.dropped_turns == 0
+        # text that contains the image placeholder is text, not an image slot
+        s.ask("What does <image> mean here?", temperature=0, max_tokens=2)
+        assert s.turns[-2].text == "What does <image> mean here?" and len(s.turns) == 4
+
+
+def test_seed_none_is_random_again_after_a_seeded_call(pair):
+    img = sample_image(112, seed=1)
+    with LLaVA(*pair) as m:
+        sampled = dict(temperature=1.5, top_k=0, top_p=1.0, max_tokens=12)
+        a = m.generate_from_image(img, "Hi?", seed=42, **sampled)
+        assert m.generate_from_image(img, "Hi?", seed=42, **sampled) == a
+        others = {m.generate_from_image(img, "Hi?", **sampled) for _ in range(3)}
+        assert others != {a}

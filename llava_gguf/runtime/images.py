@@ -14,7 +14,7 @@ from ..errors import LlavaGgufError
 ImageInput = Union[str, Path, bytes, Any]
 
 
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}  # not mif1/msf1: AVIF uses them too
 
 
 def _heif_opener(what: str) -> None:

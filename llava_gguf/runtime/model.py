@@ -89,6 +89,7 @@ class EvalStats:
         return (self.generated_tokens - 1) / self.generate_seconds if self.generate_seconds and self.generated_tokens > 1 else 0.0
 
 
+_LITERAL_IMAGE = "\ue000image\ue001"
 DEVICES = {"cpu": None, "cuda": "CUDA", "metal": "Metal", "vulkan": "Vulkan"}
 
 
@@ -168,6 +169,7 @@ class LLaVA:
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
         self.last = EvalStats()
         self._t_call = 0.0
+        self._seed = seed
 
     @property
     def n_ctx(self) -> int:
@@ -319,6 +321,7 @@ class LLaVA:
                 self._check_room(n_tok)
                 new_past = self._lc.llama_pos(0)
                 start = llm.n_tokens
+                llm._ctx.kv_cache_seq_rm(-1, start, -1)
                 rc = mt.mtmd_helper_eval_chunk_single(self._ctx, llm._ctx.ctx, chunk, start, 0, llm.n_batch,
                                                       False, ctypes.byref(new_past))
                 if rc != 0:
@@ -376,6 +379,12 @@ class LLaVA:
 
     # ----------------------------------------------------------------- prompting
     def render(self, messages: list[Message]) -> str:
+        # text that happens to contain "<image>" or libmtmd's marker is text, not an image slot
+        messages = [Message(m.role, (m.text or "").replace(self._marker, "").replace(IMAGE_PLACEHOLDER, _LITERAL_IMAGE),
+                            m.n_images) for m in messages]
+        return self._render(messages).replace(_LITERAL_IMAGE, IMAGE_PLACEHOLDER.replace("<", "< "))
+
+    def _render(self, messages: list[Message]) -> str:
         llm = self.llm
         bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="replace") if llm.token_bos() >= 0 else ""
         eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="replace") if llm.token_eos() >= 0 else ""
@@ -458,7 +467,10 @@ class LLaVA:
             n = len(seg[1]) if seg[0] == "text" else seg[3]
             if pos + n > p:
                 if seg[0] == "text":
-                    llm.eval(seg[1][max(0, p - pos):])
+                    try:
+                        llm.eval(seg[1][max(0, p - pos):])
+                    except RuntimeError as e:
+                        raise LlavaGgufError(f"llama.cpp failed to decode the prompt: {e}") from None
                 else:
                     rows = self._image_rows(seg[1], seg[2])
                     self.eval_embeddings(rows)
@@ -502,8 +514,8 @@ class LLaVA:
         llm = self.llm
         if s.max_tokens <= 0:
             return
-        if s.seed is not None:
-            llm.set_seed(s.seed)
+        llm.set_seed(s.seed if s.seed is not None else
+                     self._seed if self._seed is not None else self._lc.LLAMA_DEFAULT_SEED)  # None: random
         out = bytearray()
         emitted = 0
         held = ""
@@ -511,8 +523,8 @@ class LLaVA:
         t_first = None
         started = False
         stats = self.last
-        for token in llm.generate(prompt_ids, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
-                                  repeat_penalty=s.repeat_penalty, reset=True):
+        for token in _decode_errors(llm.generate(prompt_ids, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                                                 temp=s.temperature, repeat_penalty=s.repeat_penalty, reset=True)):
             now = time.perf_counter()
             if t_first is None:
                 t_first = now
@@ -551,6 +563,14 @@ class LLaVA:
                 break
         if held:
             yield held
+
+
+def _decode_errors(tokens: Iterator[int]) -> Iterator[int]:
+    """llama-cpp-python raises RuntimeError when llama_decode fails: ours is one line."""
+    try:
+        yield from tokens
+    except RuntimeError as e:
+        raise LlavaGgufError(f"llama.cpp failed to decode: {e}") from None
 
 
 def _one_of(a, b, name_a: str, name_b: str):

@@ -91,7 +91,12 @@ class ChatSession:
         if not isinstance(data, dict) or data.get("format") != "llava-gguf-chat/1":
             raise LlavaGgufError(f"{path} is not a llava-gguf chat transcript")
         turns = []
-        for t in data.get("turns", []):
+        raw_turns = data.get("turns", [])
+        if not isinstance(raw_turns, list) or not all(isinstance(t, dict) and isinstance(t.get("images", []), list)
+                                                       and all(isinstance(i, dict) for i in t.get("images", []))
+                                                       for t in raw_turns):
+            raise LlavaGgufError(f"{path} is not a llava-gguf chat transcript (malformed turns)")
+        for t in raw_turns:
             refs = []
             for im in t.get("images", []):
                 if not im.get("path"):
@@ -130,27 +135,34 @@ class ChatSession:
         return gen if stream else "".join(gen)
 
     def _record(self, turns: list[Turn], pieces: Iterator[str]) -> Iterator[str]:
+        """The turn joins the conversation when the answer ends, or when it is stopped after some of it
+        was written; a turn that failed or was stopped before any answer leaves the conversation as it was."""
         answer: list[str] = []
+        done = False
         try:
             for piece in pieces:
                 answer.append(piece)
                 yield piece
+            done = True
         finally:
-            self.turns = turns + [Turn("assistant", "".join(answer).strip())]
+            if done or "".join(answer).strip():
+                self.turns = turns + [Turn("assistant", "".join(answer).strip())]
 
     def _fit(self, turns: list[Turn], max_tokens: int) -> list[Turn]:
         """The turns that fit the context with room for a short answer, dropping the oldest ones when
         allowed; an error (with the numbers) otherwise."""
         n_ctx = self.model.n_ctx
+        dropped = 0
         while True:
             msgs, pixels = self._messages(turns)
             need = self.model.count_prompt(msgs, pixels)
             if need + min(max_tokens, 16) <= n_ctx:
+                self.dropped_turns += dropped
                 return turns
             if self.on_overflow == "drop_oldest" and len(turns) > 1:
                 cut = 2 if len(turns) > 2 and turns[1].role == "assistant" else 1
                 turns = turns[cut:]
-                self.dropped_turns += cut
+                dropped += cut
                 continue
             raise LlavaGgufError(f"the conversation needs {need} tokens (and room to answer) but the context "
                                  f"holds {n_ctx}", "reset it, start the model with a larger n_ctx, or use "
