@@ -19,7 +19,6 @@ DEFAULT_PROMPTS = (
     "How many shapes can you see, and where are they?",
     "Is there anything unusual in this image?",
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -79,13 +78,9 @@ def _images(images: Path | str | None) -> list:
         from .tiny import sample_image
 
         return [sample_image(336, seed=s) for s in (11, 12, 13)]
-    d = Path(images)
-    if not d.is_dir():
-        raise LlavaGgufError(f"--images {d} is not a directory")
-    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise LlavaGgufError(f"no images in {d}", f"it should hold {', '.join(IMAGE_SUFFIXES)} files")
-    return files
+    from .runtime.images import image_files
+
+    return image_files(images)
 
 
 def _prompts(prompts: Path | str | None) -> list[str]:

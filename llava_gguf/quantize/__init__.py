@@ -11,9 +11,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LlavaGgufError
 from ..outputs import atomic_outputs
+
+if TYPE_CHECKING:
+    from ..runtime.model import GGUFInfo
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,6 @@ QUANT_TYPES: tuple[QuantType, ...] = (
 # mmproj (CLIP) files: llama_model_quantize takes them too; these are the types whose result we have
 # seen load and run in libmtmd (tests: Q8_0 image-embedding cosine >= 0.99 against F16, Q4_K_M >= 0.98).
 MMPROJ_QUANT_TYPES = ("F32", "F16", "Q8_0", "Q4_K_M")
-_FLOAT_FTYPES = {0: "F32", 1: "F16", 32: "BF16"}
 MAX_BUF_SIZE = 256 * 2**20
 _FLOAT_GGML_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
@@ -122,17 +125,16 @@ class GGUFKind:
     arch: str
     type: str  # the file's type in llama.cpp's spelling, e.g. F16, Q8_0 ("?" when not recorded)
     quantized: bool
+    info: GGUFInfo  # width, template, image tokens: what the runtime reads
 
 
 def classify(path: Path | str) -> GGUFKind:
     """What a GGUF file is, for quantizing: a LLaVA language model or an mmproj; anything else is refused."""
-    import gguf
-
-    from ..runtime.model import read_gguf_info
+    from ..runtime.model import open_gguf, read_gguf_info
 
     path = Path(path)
-    read_gguf_info(path, "source")  # existence and readability, with our one-line errors
-    r = gguf.GGUFReader(path)
+    r = open_gguf(path, "source")  # existence and readability, with our one-line errors
+    info = read_gguf_info(path, "source", reader=r)
 
     def field(key: str):
         f = r.fields.get(key)
@@ -151,13 +153,13 @@ def classify(path: Path | str) -> GGUFKind:
     if arch == "clip":
         if not field("clip.has_vision_encoder") or field("clip.projector_type") is None and not field("clip.has_llava_projector"):
             raise LlavaGgufError(f"{path} is a CLIP file without a vision encoder and projector, not an mmproj")
-        return GGUFKind(path, "mmproj", arch, type_name, quantized)
+        return GGUFKind(path, "mmproj", arch, type_name, quantized, info)
     if (field("general.type") or "model") != "model" or field("tokenizer.ggml.model") is None \
             or field(f"{arch}.block_count") is None or field(f"{arch}.embedding_length") is None:
         what = field("general.type") or ("an importance matrix" if "imatrix.datasets" in r.fields else arch)
         raise LlavaGgufError(f"{path} is neither a LLaVA language model nor an mmproj ({what})",
                              "give the LLM or mmproj .gguf that `llava-gguf convert` wrote")
-    return GGUFKind(path, "llm", arch, type_name, quantized)
+    return GGUFKind(path, "llm", arch, type_name, quantized, info)
 
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor name)
@@ -254,8 +256,8 @@ def _directory_sources(src: Path) -> tuple[GGUFKind, GGUFKind]:
                              "give the .gguf file to quantize instead of the directory")
     llm = llms[0]
     stem = _TYPE_SUFFIX.sub("", llm.path.stem)
-    width = _width(llm.path)
-    pairs = [k for k in mmprojs if _width(k.path) == width]
+    width = llm.info.n_embd
+    pairs = [k for k in mmprojs if k.info.n_embd == width]
     if not pairs:
         raise LlavaGgufError(f"no mmproj in {src} matches {llm.path.name} (embedding width {width})",
                              "run `llava-gguf convert` first")
@@ -267,11 +269,6 @@ def _directory_sources(src: Path) -> tuple[GGUFKind, GGUFKind]:
                              f"{', '.join(k.path.name for k in candidates)}", "quantize the files one by one")
     return llm, candidates[0]
 
-
-def _width(path: Path) -> int:
-    from ..runtime.model import read_gguf_info
-
-    return read_gguf_info(path, "file").n_embd
 
 
 @dataclass

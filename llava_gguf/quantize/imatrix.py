@@ -204,27 +204,24 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
         raise LlavaGgufError("llama-imatrix is not built", "reinstall llava-gguf (its CMake build makes the tool)")
     native.quiet_logs(verbose)
     lc = native.llama_cpp()
+    info = kind.info
+    ctx_train = int(info.context_length or 512)
+    image_env: dict[str, str] = {}
+    image_files: list[Path] = []
     vocab = lc.Llama(model_path=str(model), vocab_only=True, verbose=False)
     try:
         n_tokens = len(vocab.tokenize(content.encode(), add_bos=True, special=False))
-        ctx_train = int(lc.llama_model_n_ctx_train(vocab.model))
+        ctx = n_ctx or min(512, ctx_train, n_tokens // 2)
+        if images is not None:
+            image_files, mm_path, prompts, need = _image_calibration(info, images, mmproj, vocab)
+            if ctx < need:
+                if n_ctx:
+                    raise LlavaGgufError(f"--ctx {n_ctx} is too small for an image ({need} tokens with its prompt)")
+                ctx = need
+            image_env = {"LLAVA_GGUF_IMATRIX_MMPROJ": str(mm_path), "LLAVA_GGUF_IMATRIX_PROMPTS": "\x1e".join(prompts)}
     finally:
         vocab.close()
-    from ..runtime.model import read_gguf_info
-
-    info = read_gguf_info(model, "model")
-    ctx_train = int(info.context_length or 512)
-    ctx = n_ctx or min(512, ctx_train, n_tokens // 2)
-    image_env: dict[str, str] = {}
-    image_files: list[Path] = []
-    if images is not None:
-        image_files, mm_path, prompts, need = _image_calibration(model, info, images, mmproj, lc, content)
-        if ctx < need:
-            if n_ctx:
-                raise LlavaGgufError(f"--ctx {n_ctx} is too small for an image ({need} tokens with its prompt)")
-            ctx = need
-        image_env = {"LLAVA_GGUF_IMATRIX_MMPROJ": str(mm_path), "LLAVA_GGUF_IMATRIX_PROMPTS": "\x1e".join(prompts)}
-    elif mmproj is not None:
+    if images is None and mmproj is not None:
         raise LlavaGgufError("--mmproj is used with --images", "give --images DIR too")
     if ctx < 32 or n_tokens < 2 * ctx:
         raise LlavaGgufError(f"the calibration text has {n_tokens} tokens; a context of {max(ctx, 32)} needs at least "
@@ -258,38 +255,30 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
                          len(image_files))
 
 
-def _image_calibration(model: Path, info, images: Path | str, mmproj: Path | str | None, lc, content: str):
+def _image_calibration(info, images: Path | str, mmproj: Path | str | None, vocab):
     """(image files, mmproj, rendered prompts with the media marker, context an image needs)."""
     from ..convert.families.llava15 import FAMILY
-    from ..quality import DEFAULT_PROMPTS, IMAGE_SUFFIXES, find_base_mmproj
+    from ..quality import DEFAULT_PROMPTS, find_base_mmproj
     from ..runtime import native
-    from ..runtime.model import read_gguf_info
+    from ..runtime.images import image_files
     from ..runtime.prompt import IMAGE_PLACEHOLDER, Message, render_with_images
     from . import classify
 
-    d = Path(images)
-    if not d.is_dir():
-        raise LlavaGgufError(f"--images {d} is not a directory")
-    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise LlavaGgufError(f"no images in {d}", f"it should hold {', '.join(IMAGE_SUFFIXES)} files")
-    mm = Path(mmproj) if mmproj is not None else find_base_mmproj(model, "--mmproj")
-    if classify(mm).kind != "mmproj":
+    files = image_files(images)
+    mm = Path(mmproj) if mmproj is not None else find_base_mmproj(info.path, "--mmproj")
+    mm_kind = classify(mm)
+    if mm_kind.kind != "mmproj":
         raise LlavaGgufError(f"--mmproj {mm} is a language model, not an mmproj file")
-    mm_info = read_gguf_info(mm, "mmproj")
+    mm_info = mm_kind.info
     if mm_info.n_embd != info.n_embd:
         raise LlavaGgufError(f"the mmproj projects to width {mm_info.n_embd} but the language model's is {info.n_embd}",
                              "these two files are not a pair")
-    vocab = lc.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    try:
-        special = lambda t: vocab.detokenize([t], special=True).decode(errors="replace") if t >= 0 else ""  # noqa: E731
-        bos, eos = special(vocab.token_bos()), special(vocab.token_eos())
-        marker = native.mtmd_cpp().mtmd_default_marker().decode()
-        templates = [t for t in (info.chat_template, FAMILY.default_chat_template) if t]
-        prompts = [render_with_images(templates, [Message("user", q, n_images=1)], bos=bos, eos=eos)
-                   .replace(IMAGE_PLACEHOLDER, marker) for q in DEFAULT_PROMPTS]
-        longest = max(len(vocab.tokenize(p.replace(marker, "").encode(), add_bos=False, special=True)) for p in prompts)
-    finally:
-        vocab.close()
+    special = lambda t: vocab.detokenize([t], special=True).decode(errors="replace") if t >= 0 else ""  # noqa: E731
+    bos, eos = special(vocab.token_bos()), special(vocab.token_eos())
+    marker = native.mtmd_cpp().mtmd_default_marker().decode()
+    templates = [t for t in (info.chat_template, FAMILY.default_chat_template) if t]
+    prompts = [render_with_images(templates, [Message("user", q, n_images=1)], bos=bos, eos=eos)
+               .replace(IMAGE_PLACEHOLDER, marker) for q in DEFAULT_PROMPTS]
+    longest = max(len(vocab.tokenize(p.replace(marker, "").encode(), add_bos=False, special=True)) for p in prompts)
     need = (mm_info.image_tokens or 576) + longest + 8
     return files, mm, prompts, -(-need // 64) * 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import urllib.parse
 import urllib.request
@@ -103,3 +104,23 @@ def load_image(image: ImageInput):
     if img.width < 1 or img.height < 1:
         raise LlavaGgufError("the image is empty")
     return img
+
+
+def content_hash(img, data: bytes | None = None) -> str:
+    """SHA-256 of a normalised image's size and RGB pixels: the identity of an image for every cache
+    and transcript (`data`: img.tobytes(), when the caller has it already)."""
+    return hashlib.sha256(f"{img.width}x{img.height}:".encode() + (img.tobytes() if data is None else data)).hexdigest()
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_files(directory: Path | str, option: str = "--images") -> list[Path]:
+    """The image files of a directory given as `option`, sorted; a one-line error when there are none."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise LlavaGgufError(f"{option} {d} is not a directory")
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise LlavaGgufError(f"no images in {d}", f"it should hold {', '.join(IMAGE_SUFFIXES)} files")
+    return files

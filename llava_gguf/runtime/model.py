@@ -4,7 +4,6 @@ decoded into the LLM's KV cache at the image's place in the prompt -> sampling."
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import time
 from collections import OrderedDict
@@ -16,7 +15,7 @@ import numpy as np
 
 from ..errors import LlavaGgufError
 from . import native
-from .images import ImageInput, load_image
+from .images import ImageInput, content_hash, load_image
 from .prompt import IMAGE_PLACEHOLDER, Message, render_with_images
 
 
@@ -30,15 +29,20 @@ class GGUFInfo:
     image_tokens: int | None  # mmproj only
 
 
-def read_gguf_info(path: Path, what: str) -> GGUFInfo:
+def open_gguf(path: Path, what: str):
+    """A gguf-py reader for `path`, or a one-line error naming `what` is missing or unreadable."""
     import gguf
 
     if not path.is_file():
         raise LlavaGgufError(f"{what} {path} does not exist")
     try:
-        r = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise LlavaGgufError(f"{path} is not a readable GGUF file ({str(e)[:200]})", "convert the model again") from None
+
+
+def read_gguf_info(path: Path, what: str, reader=None) -> GGUFInfo:
+    r = reader if reader is not None else open_gguf(path, what)
 
     def field(key: str):
         f = r.fields.get(key)
@@ -215,7 +219,7 @@ class LLaVA:
         """(mtmd bitmap, content hash of the normalised pixels)."""
         img = load_image(image)
         data = img.tobytes()
-        digest = hashlib.sha256(f"{img.width}x{img.height}:".encode() + data).hexdigest()
+        digest = content_hash(img, data)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         bmp = self._mtmd.mtmd_bitmap_init(img.width, img.height, buf)
         if not bmp:

@@ -3,7 +3,6 @@ model decodes only what its KV cache does not already hold (LLaVA.eval_messages)
 question costs its own tokens, not the image and the earlier turns again."""
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LlavaGgufError
-from .images import ImageInput, load_image
+from .images import ImageInput, content_hash, load_image
 from .prompt import Message
 
 if TYPE_CHECKING:
@@ -33,11 +32,7 @@ class ImageRef:
         if isinstance(image, (str, Path)) and not str(image).startswith("data:"):
             s = str(image)
             path = s[len("file://"):] if s.startswith("file://") else str(Path(s).expanduser().resolve())
-        return cls(pil, _digest(pil), path)
-
-
-def _digest(pil) -> str:
-    return hashlib.sha256(f"{pil.width}x{pil.height}:".encode() + pil.tobytes()).hexdigest()
+        return cls(pil, content_hash(pil), path)
 
 
 @dataclass
