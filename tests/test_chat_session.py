@@ -41,13 +41,18 @@ def test_three_turns_reuse_the_cache_and_answer_as_from_scratch(pair):
     assert t2.evaluated_tokens == t2.prompt_tokens - t2.reused_tokens
     assert t2.evaluated_tokens <= t2.prompt_tokens - t1.prompt_tokens
     assert t3.images == 2 and t3.images_encoded == 1 and t3.reused_tokens >= t2.prompt_tokens
+    # ... and so does the answer, as the tokens it was generated as (all but the last, which was sampled
+    # and never decoded): only the end of the turn and the new question are decoded
+    for before, after, answer in ((t1, t2, turns[1]), (t2, t3, turns[3])):
+        assert answer.tokens and list(answer.tokens) == list(before.answer_tokens)
+        assert after.reused_tokens == before.prompt_tokens + len(answer.tokens) - 1
     # the same conversation from scratch, turn by turn, gives the same greedy answers
     sys_msg = [Message("system", "You are a careful assistant.")]
     assert _from_scratch(pair, sys_msg + [Message("user", "What is in the image?", 1)], [a]).strip() == first.strip()
-    convo = sys_msg + [Message("user", "What is in the image?", 1), Message("assistant", turns[1].text),
+    convo = sys_msg + [Message("user", "What is in the image?", 1), Message("assistant", turns[1].text, tokens=turns[1].tokens),
                        Message("user", "Which colours are there?")]
     assert _from_scratch(pair, convo, [a]).strip() == second.strip()
-    convo += [Message("assistant", turns[3].text), Message("user", "How does this one differ?", 1)]
+    convo += [Message("assistant", turns[3].text, tokens=turns[3].tokens), Message("user", "How does this one differ?", 1)]
     assert _from_scratch(pair, convo, [a, b]).strip() == third.strip()
 
 
@@ -124,7 +129,8 @@ def test_transcript_save_and_load(pair, tmp_path):
         assert [h["role"] for h in t.history] == ["system", "user", "assistant", "user", "assistant"]
         before = m.last
         t.ask("And now?", **GREEDY)
-        assert m.last.images_encoded == 0 and m.last.reused_tokens >= before.prompt_tokens
+        # the whole saved conversation, its answers as generated, comes from the cache
+        assert m.last.images_encoded == 0 and m.last.reused_tokens == before.prompt_tokens + len(before.answer_tokens) - 1
         sample_image(112, seed=4).save(img)  # the file changed since
         with pytest.raises(LlavaGgufError, match="changed"):
             m.chat().load(tmp_path / "t.json")

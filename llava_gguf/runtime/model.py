@@ -83,6 +83,7 @@ class EvalStats:
     prompt_seconds: float = 0.0  # decoding the prompt, image encoding included
     first_token_seconds: float = 0.0  # from the call to the first answer token
     generate_seconds: float = 0.0  # from the first to the last answer token
+    answer_tokens: tuple[int, ...] = ()  # the answer's token ids (end-of-generation excluded)
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -171,6 +172,7 @@ class LLaVA:
         self._image_token = vocab[0] if len(vocab) == 1 else 0
         self._spans: list[tuple[int, int, str]] = []  # (start, n, image hash) of images in the KV cache
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._pieces: dict[int, bytes] = {}
         self.last = EvalStats()
         self._t_call = 0.0
         self._seed = seed
@@ -382,18 +384,18 @@ class LLaVA:
                                  f"{self.n_ctx}", "pass a larger n_ctx (--ctx)")
 
     # ----------------------------------------------------------------- prompting
-    def render(self, messages: list[Message]) -> str:
+    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         # text that happens to contain "<image>" or libmtmd's marker is text, not an image slot
         messages = [Message(m.role, (m.text or "").replace(self._marker, "").replace(IMAGE_PLACEHOLDER, _LITERAL_IMAGE),
                             m.n_images) for m in messages]
-        return self._render(messages).replace(_LITERAL_IMAGE, IMAGE_PLACEHOLDER.replace("<", "< "))
+        return self._render(messages, add_generation_prompt).replace(_LITERAL_IMAGE, IMAGE_PLACEHOLDER.replace("<", "< "))
 
-    def _render(self, messages: list[Message]) -> str:
+    def _render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         llm = self.llm
         bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="replace") if llm.token_bos() >= 0 else ""
         eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="replace") if llm.token_eos() >= 0 else ""
         templates = [t for t in (self.llm_info.chat_template, self.family_template) if t]
-        return render_with_images(templates, messages, bos=bos, eos=eos)
+        return render_with_images(templates, messages, bos=bos, eos=eos, add_generation_prompt=add_generation_prompt)
 
     def eval_prompt(self, prompt: str, images: Sequence[ImageInput] = ()) -> list[int]:
         """One user turn (the images before the text), rendered from the chat template and decoded
@@ -409,7 +411,7 @@ class LLaVA:
         hashes: list[str] = []
         chunks = self._tokenize(text, list(images), add_special=True, hashes=hashes)
         try:
-            segs = self._segments(chunks, hashes)
+            segs = self._splice_answers(self._segments(chunks, hashes), self._answers(messages))
             self._evaluate(segs)
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
@@ -426,6 +428,83 @@ class LLaVA:
                        for i in range(mt.mtmd_input_chunks_size(chunks)))
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.llm.detokenize([token], special=True)
+        return piece
+
+    # an answer cut short (stop string, stripped trailing space, an unfinished UTF-8 character) still has
+    # all but its last few tokens in the rendered text
+    _SPLICE_TAIL = 8
+
+    def _answers(self, messages: list[Message]) -> list[tuple[list[int], bytes]]:
+        """Each assistant message with token ids, and the text its template puts between the generation
+        prompt and the answer (" " after Vicuna's "ASSISTANT:", nothing after a prompt ending in a
+        newline): the ids were generated right after the generation prompt, so they replace both."""
+        out = []
+        for i, m in enumerate(messages):
+            if m.role != "assistant" or not m.tokens:
+                continue
+            sep = b""
+            try:
+                head = self.render(messages[:i])
+                whole = self.render(messages[: i + 1], add_generation_prompt=False)
+                text = m.text.replace(self._marker, "").replace(IMAGE_PLACEHOLDER, "< image>")
+                if whole.startswith(head) and text and whole.find(text, len(head)) >= 0:
+                    gap = whole[len(head): whole.find(text, len(head))]
+                    sep = gap.encode() if gap.isspace() else b""
+            except LlavaGgufError:
+                pass
+            out.append((list(m.tokens), sep))
+        return out
+
+    def _splice_answers(self, segs: list[tuple], answers: list[tuple[list[int], bytes]]) -> list[tuple]:
+        """Put each answer's own token ids back where the rendered text tokenized it differently, so the
+        prompt matches, position for position, what the KV cache holds from generating the answer. A run
+        of tokens is replaced only by ids with the same text (up to the whitespace between the generation
+        prompt and the answer, which is then the text the model generated after)."""
+        if not answers:
+            return segs
+        n_vocab = self.llm.n_vocab()
+        out = list(segs)
+        si, cursor = 0, 0
+        for ids, sep in answers:
+            if not all(0 <= t < n_vocab for t in ids):
+                continue
+            for sj in range(si, len(out)):
+                if out[sj][0] != "text":
+                    continue
+                hit = self._splice(out[sj][1], cursor if sj == si else 0, ids, sep)
+                if hit is not None:
+                    out[sj] = ("text", hit[0])
+                    si, cursor = sj, hit[1]
+                    break
+        return out
+
+    def _splice(self, toks: list[int], start: int, ids: list[int], sep: bytes) -> tuple[list[int], int] | None:
+        pieces = [self._piece(t) for t in toks[start:]]
+        at = {0: 0}
+        off = 0
+        for i, pc in enumerate(pieces, 1):
+            off += len(pc)
+            at[off] = i
+        text = b"".join(pieces)
+        gen = [self._piece(t) for t in ids]
+        for k in range(len(ids), max(0, len(ids) - self._SPLICE_TAIL), -1):
+            core = b"".join(gen[:k]).lstrip()
+            if not core:
+                continue
+            for lead in ((sep, b"") if sep else (b"",)):
+                needle = lead + core
+                o = text.find(needle)
+                while o != -1:
+                    if o in at and o + len(needle) in at:
+                        i, j = start + at[o], start + at[o + len(needle)]
+                        return toks[:i] + ids[:k] + toks[j:], i + k
+                    o = text.find(needle, o + 1)
+        return None
 
     def _held(self) -> list:
         """What the KV cache holds, position by position: token ids, and (hash, k) for image rows."""
@@ -527,46 +606,51 @@ class LLaVA:
         t_first = None
         started = False
         stats = self.last
-        for token in _decode_errors(llm.generate(prompt_ids, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                                                 temp=s.temperature, repeat_penalty=s.repeat_penalty, reset=True)):
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now
-                stats.first_token_seconds = now - self._t_call
-            stats.generate_seconds = now - t_first
-            if self._lc.llama_vocab_is_eog(llm._model.vocab, token):
-                break
-            n += 1
-            stats.generated_tokens = n
-            # stop after the last wanted token, without asking llama.cpp for one more
-            last = n >= s.max_tokens or llm.n_tokens >= self.n_ctx - 1
-            out += llm.detokenize([token], prev_tokens=None)
-            text = out.decode("utf-8", errors="ignore") if _complete_utf8(out) else None
-            if text is None:
+        ids: list[int] = []
+        try:
+            for token in _decode_errors(llm.generate(prompt_ids, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                                                     temp=s.temperature, repeat_penalty=s.repeat_penalty, reset=True)):
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                    stats.first_token_seconds = now - self._t_call
+                stats.generate_seconds = now - t_first
+                if self._lc.llama_vocab_is_eog(llm._model.vocab, token):
+                    break
+                n += 1
+                ids.append(token)
+                stats.generated_tokens = n
+                # stop after the last wanted token, without asking llama.cpp for one more
+                last = n >= s.max_tokens or llm.n_tokens >= self.n_ctx - 1
+                out += llm.detokenize([token], prev_tokens=None)
+                text = out.decode("utf-8", errors="ignore") if _complete_utf8(out) else None
+                if text is None:
+                    if last:
+                        break
+                    continue
+                piece = text[emitted:]
+                emitted = len(text)
+                if not held and not started:
+                    piece = piece.lstrip()  # the space SentencePiece puts before the answer's first word
+                    started = bool(piece)
+                held += piece
+                hit = next((st for st in s.stop if st in held), None)
+                if hit is not None:
+                    yield held[: held.index(hit)]
+                    return
+                keep = max((len(st) - 1 for st in s.stop), default=0)
+                if keep and len(held) > keep:
+                    yield held[:-keep]
+                    held = held[-keep:]
+                elif not keep:
+                    yield held
+                    held = ""
                 if last:
                     break
-                continue
-            piece = text[emitted:]
-            emitted = len(text)
-            if not held and not started:
-                piece = piece.lstrip()  # the space SentencePiece puts before the answer's first word
-                started = bool(piece)
-            held += piece
-            hit = next((st for st in s.stop if st in held), None)
-            if hit is not None:
-                yield held[: held.index(hit)]
-                return
-            keep = max((len(st) - 1 for st in s.stop), default=0)
-            if keep and len(held) > keep:
-                yield held[:-keep]
-                held = held[-keep:]
-            elif not keep:
+            if held:
                 yield held
-                held = ""
-            if last:
-                break
-        if held:
-            yield held
+        finally:
+            stats.answer_tokens = tuple(ids)
 
 
 def _decode_errors(tokens: Iterator[int]) -> Iterator[int]:

@@ -14,6 +14,9 @@ class Message:
     role: str  # system | user | assistant
     text: str
     n_images: int = 0
+    # an assistant answer's token ids as the model generated them: fed back as they are (re-tokenizing the
+    # text can split it differently, which would make the KV cache's copy look changed)
+    tokens: tuple[int, ...] | None = None
 
 
 def _content(m: Message) -> list[dict]:
@@ -61,11 +64,12 @@ def render(template: str, messages: list[Message], *, bos: str, eos: str, add_ge
     return text
 
 
-def render_with_images(templates: list[str], messages: list[Message], *, bos: str, eos: str) -> str:
+def render_with_images(templates: list[str], messages: list[Message], *, bos: str, eos: str,
+                       add_generation_prompt: bool = True) -> str:
     """Render with the first template that places every image; the last is the family default."""
     n_images = sum(m.n_images for m in messages)
     for template in templates:
-        text = render(template, messages, bos=bos, eos=eos)
+        text = render(template, messages, bos=bos, eos=eos, add_generation_prompt=add_generation_prompt)
         if text.count(IMAGE_PLACEHOLDER) == n_images:
             if bos and text.startswith(bos):
                 text = text[len(bos):]  # llama.cpp adds BOS itself

@@ -40,6 +40,7 @@ class Turn:
     role: str  # user | assistant
     text: str
     images: list[ImageRef] = field(default_factory=list)
+    tokens: tuple[int, ...] | None = None  # an answer's token ids as generated (fed back unchanged)
 
 
 class ChatSession:
@@ -73,7 +74,11 @@ class ChatSession:
 
     def save(self, path: str | Path) -> None:
         """A JSON transcript; images by path and content hash (images given as pixels have no path)."""
-        data = {"format": "llava-gguf-chat/1", "system": self.system, "turns": self.history[1 if self.system else 0:]}
+        turns = self.history[1 if self.system else 0:]
+        for t, raw in zip(turns, self.turns):
+            if raw.tokens:
+                t["tokens"] = list(raw.tokens)  # the answer as generated: a loaded transcript reuses the cache
+        data = {"format": "llava-gguf-chat/1", "system": self.system, "turns": turns}
         Path(path).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def load(self, path: str | Path) -> None:
@@ -102,7 +107,10 @@ class ChatSession:
                 refs.append(ref)
             if t.get("role") not in ("user", "assistant"):
                 raise LlavaGgufError(f"{path}: unknown role {t.get('role')!r}")
-            turns.append(Turn(t["role"], str(t.get("text", "")), refs))
+            tokens = t.get("tokens")
+            ok = isinstance(tokens, list) and tokens and all(isinstance(x, int) and x >= 0 for x in tokens)
+            turns.append(Turn(t["role"], str(t.get("text", "")), refs,
+                              tuple(tokens) if ok and t["role"] == "assistant" else None))
         self.system = data.get("system")
         self.turns = turns
         self.dropped_turns = 0
@@ -112,7 +120,7 @@ class ChatSession:
         msgs = [Message("system", self.system)] if self.system else []
         images = []
         for t in turns:
-            msgs.append(Message(t.role, t.text, n_images=len(t.images)))
+            msgs.append(Message(t.role, t.text, n_images=len(t.images), tokens=t.tokens))
             images += [r.image for r in t.images]
         return msgs, images
 
@@ -140,8 +148,10 @@ class ChatSession:
                 yield piece
             done = True
         finally:
+            pieces.close()  # type: ignore[attr-defined]  # (stopped early) the answer's tokens are final now
             if done or "".join(answer).strip():
-                self.turns = turns + [Turn("assistant", "".join(answer).strip())]
+                self.turns = turns + [Turn("assistant", "".join(answer).strip(),
+                                           tokens=self.model.last.answer_tokens or None)]
 
     def _fit(self, turns: list[Turn], max_tokens: int) -> list[Turn]:
         """The turns that fit the context with room for a short answer, dropping the oldest ones when
