@@ -99,15 +99,44 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], po
                 n -= take
 
 
+def english_corpus(limit: int = 6_000_000) -> list[str]:
+    """English prose for the checkpoint's tokenizer: the docstrings of Python's standard library (no
+    download needed), so that prompts take about as many tokens as with LLaMA's own tokenizer."""
+    import ast
+    import sysconfig
+
+    lines, total = [], 0
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "test" in f.parts or "site-packages" in f.parts:
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                for para in (doc or "").split("\n\n"):
+                    text = " ".join(para.split())
+                    if len(text.split()) >= 4:
+                        lines.append(text)
+                        total += len(text)
+        if total > limit:
+            break
+    return lines
+
+
 def build_checkpoint(dest: Path) -> Path:
     if (dest / "config.json").is_file():
         return dest
-    from llava_gguf.tiny import TinySpec, _write_tokenizer
+    from llava_gguf.tiny import write_tokenizer
 
     tmp = dest.with_name(dest.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _write_tokenizer(tmp, TinySpec(sp_vocab=1000))
+    # LLaMA's vocabulary size, learnt from English: a question takes about as many tokens as in LLaVA
+    # (a tokenizer learnt from random letters would make every prompt ~2.5x longer)
+    n = write_tokenizer(tmp, english_corpus(), sp_vocab=32000, image_size=VISION["image"])
     specs = tensor_specs()
     rng = np.random.default_rng(0)
     pool = (rng.standard_normal(32 * 2**20) * 0.02).astype(np.float16)
@@ -130,8 +159,8 @@ def build_checkpoint(dest: Path) -> Path:
     t, v = TEXT, VISION
     # the sparse config llava-hf ships (LlamaConfig / CLIPVisionConfig defaults fill the rest)
     (tmp / "config.json").write_text(json.dumps({
-        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
-        "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": n,
+        "model_type": "llava", "pad_token_id": n + 1, "projector_hidden_act": "gelu",
         "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
                         "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
                         "torch_dtype": "float16", "vocab_size": t["vocab"]},

@@ -287,17 +287,22 @@ def doctor(json_out: bool = typer.Option(False, "--json", help="one JSON line"))
 @app.command()
 @_command
 def demo(
-    model: Optional[Path] = typer.Option(None, "--model", help="a LLaVA checkpoint directory (default: a tiny built-in one)"),
-    image: Optional[Path] = typer.Option(None, "--image", help="an image to ask about (default: the bundled one)"),
-    prompt: str = typer.Option("What is in the image?", "--prompt"),
+    model: Optional[Path] = typer.Option(None, "--model", help="a LLaVA checkpoint directory (default: the shipped "
+                                         "shapes-llava)"),
+    image: Optional[Path] = typer.Option(None, "--image", help="ask about your own image instead"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="the question for --image (default: Describe the "
+                                         "image.)"),
+    questions: int = typer.Option(24, "--questions", min=1, max=10000, help="test questions to ask"),
     json_out: bool = typer.Option(False, "--json", help="one JSON line with the results"),
 ) -> None:
-    """Build (or reuse) a small LLaVA, convert it, ask one question, and measure the image features
-    against the Hugging Face reference."""
+    """Convert the shipped small LLaVA (trained here on synthetic shapes), quantize it to Q4_K_M and
+    ask it questions about test images, with accuracy per file type; --image asks about yours. Image
+    features are checked against the Hugging Face reference. --model: any checkpoint, one question."""
     from .demo import run_demo
 
     try:
-        result = run_demo(model, image, prompt, echo=(lambda s: None) if json_out else typer.echo)
+        result = run_demo(model, image, prompt, echo=(lambda s: None) if json_out else typer.echo,
+                          questions=questions)
     except LlavaGgufError as e:
         _fail(e)
     if json_out:

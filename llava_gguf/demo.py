@@ -1,5 +1,7 @@
-"""`demo`: a small LLaVA built here (or one you name), converted, asked one question about an image,
-with the image features measured against the Hugging Face reference."""
+"""`demo`: the small LLaVA shipped with the package (trained here on synthetic shapes, see
+data/shapes-llava/README.md) converted, quantized to Q4_K_M and asked questions about test images it never
+saw, with the answers checked; or a checkpoint you name, asked one question. Image features are measured
+against the Hugging Face reference either way."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +17,8 @@ from pathlib import Path
 from .errors import LlavaGgufError
 
 DEMO_IMAGE = Path(__file__).parent / "data" / "demo.jpg"
+SHIPPED_MODEL = Path(__file__).parent / "data" / "shapes-llava"
+QUIZ_TYPES = ("F16", "Q4_K_M")
 
 
 def cache_dir() -> Path:
@@ -24,7 +28,7 @@ def cache_dir() -> Path:
 
 
 def tiny_checkpoint(spec=None) -> Path:
-    """The built-in demo model, built once and cached."""
+    """A tiny random LLaVA (for tests and benchmarks), built once and cached."""
     from .tiny import TinySpec, make_tiny_llava
 
     spec = spec or TinySpec()
@@ -42,44 +46,128 @@ def tiny_checkpoint(spec=None) -> Path:
     return target
 
 
-def run_demo(model: Path | None, image: Path | None, prompt: str, echo: Callable[[str], None] = print) -> dict:
+def is_shapes_model(ckpt: Path) -> bool:
+    """A checkpoint `python -m training.train` wrote (it answers the shapes task's questions)."""
+    try:
+        return json.loads((ckpt / "training.json").read_text()).get("task") == "llava_gguf.shapes"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _key(ckpt: Path) -> str:
+    """Content hash of a checkpoint's config and weights (cache key of its GGUF files)."""
+    h = hashlib.sha256()
+    for f in sorted(ckpt.iterdir()):
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".model")):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:12]
+
+
+def prepared(ckpt: Path, echo: Callable[[str], None], quantize: bool) -> dict[str, Path]:
+    """The checkpoint's F16 GGUF pair (and Q4_K_M LLM), converted once and cached by content."""
     from .convert import convert_checkpoint, output_names
+    from .quantize import quantize_gguf
+
+    name = ckpt.resolve().name
+    outdir = cache_dir() / "demo" / f"gguf-{name}-{_key(ckpt)}"
+    llm_name, mm_name = output_names(name, "f16", "f16")
+    files = {"F16": outdir / llm_name, "mmproj": outdir / mm_name}
+    if not (files["F16"].is_file() and files["mmproj"].is_file()):
+        echo(f"converting {ckpt} ...")
+        convert_checkpoint(ckpt, outdir, outtype="f16", force=True)
+    if quantize:
+        files["Q4_K_M"] = outdir / f"{name}-Q4_K_M.gguf"
+        if not files["Q4_K_M"].is_file():
+            echo("quantizing to Q4_K_M ...")
+            quantize_gguf(files["F16"], "Q4_K_M", files["Q4_K_M"], force=True)
+    return files
+
+
+def _parity(ckpt: Path, files: dict[str, Path], img, echo: Callable[[str], None]) -> tuple[float, tuple[int, int]]:
+    """Mean cosine of the F16 file's image rows against transformers' for `img` (square, at the model's
+    resolution: libmtmd pads to square where HF's processor centre-crops, so only such an image is
+    pre-processed identically by both)."""
     from .reference import image_features, load_hf_model, mean_cosine, pixel_values
+    from .runtime.model import LLaVA
+
+    hf = load_hf_model(ckpt)
+    reference = image_features(hf, pixel_values(ckpt, img))
+    with LLaVA(files["F16"], files["mmproj"]) as llava:
+        ours = llava.embed_image(img)
+    cosine = mean_cosine(ours, reference)
+    echo(f"image-feature cosine vs Hugging Face (F16): {cosine:.7f} ({ours.shape[0]} tokens x {ours.shape[1]})")
+    if cosine < 0.999:
+        raise LlavaGgufError(f"image features differ from the reference (cosine {cosine:.4f})",
+                             "run `llava-gguf doctor`: is llava_fix true?")
+    return cosine, ours.shape
+
+
+def run_demo(model: Path | None, image: Path | None, prompt: str | None, echo: Callable[[str], None] = print,
+             questions: int = 24, show: int = 6) -> dict:
     from .runtime.images import load_image
     from .runtime.model import LLaVA
 
     t0 = time.perf_counter()
-    if model is None:
-        echo("building the tiny demo LLaVA (random weights; cached) ...")
-        ckpt = tiny_checkpoint()
-    else:
-        ckpt = Path(model)
-    name = ckpt.resolve().name
-    outdir = cache_dir() / "demo" / f"gguf-{name}-{hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:8]}"
-    llm_name, mm_name = output_names(name, "f16", "f16")
-    if not ((outdir / llm_name).is_file() and (outdir / mm_name).is_file()):
-        echo(f"converting {ckpt} ...")
-        convert_checkpoint(ckpt, outdir, outtype="f16", force=True)
-    llm_path, mm_path = outdir / llm_name, outdir / mm_name
+    ckpt = Path(model) if model is not None else SHIPPED_MODEL
+    if model is None and not (ckpt / "config.json").is_file():
+        raise LlavaGgufError(f"the shipped demo model is missing ({ckpt})", "reinstall llava-gguf, or pass --model DIR")
+    if not (ckpt / "config.json").is_file():
+        raise LlavaGgufError(f"{ckpt} is not a checkpoint directory (no config.json)")
+    quiz = is_shapes_model(ckpt)
+    if quiz and prompt is not None and image is None:
+        raise LlavaGgufError("--prompt needs --image (without it the demo asks the test questions)")
+    user_image = load_image(image) if image is not None else None  # a bad image fails before any work
+    if quiz and model is None:
+        echo("demo model: shapes-llava, a small LLaVA-1.5 trained here on synthetic shapes "
+             f"({SHIPPED_MODEL / 'README.md'})")
+    files = prepared(ckpt, echo, quantize=quiz)
+    try:
+        size = int(json.loads((ckpt / "config.json").read_text())["vision_config"]["image_size"])
+    except (ValueError, KeyError, TypeError):
+        raise LlavaGgufError(f"{ckpt}/config.json has no vision_config.image_size: not a LLaVA checkpoint") from None
+    result: dict = {"model": str(files["F16"]), "mmproj": str(files["mmproj"])}
+    if quiz and image is None:
+        from . import shapes
 
-    hf = load_hf_model(ckpt)
-    size = int(hf.config.vision_config.image_size)
-    # A square image at the model's resolution: libmtmd pads to square where HF's processor
-    # centre-crops, so only such an image is pre-processed identically by both.
-    img = load_image(image or DEMO_IMAGE).resize((size, size), resample=3)
-    reference = image_features(hf, pixel_values(ckpt, img))
-    with LLaVA(llm_path, mm_path) as llava:
-        ours = llava.embed_image(img)
-        cosine = mean_cosine(ours, reference)
-        answer = llava.generate_from_image(img, prompt, temperature=0, max_tokens=24, seed=0)
-    echo(f"model:   {llm_path}")
-    echo(f"mmproj:  {mm_path}")
-    echo(f"image:   {image or DEMO_IMAGE} ({size}x{size})")
-    echo(f"prompt:  {prompt}")
-    echo(f"answer:  {answer.strip()!r}" + ("  (random weights: noise is expected)" if model is None else ""))
-    echo(f"image-feature cosine vs Hugging Face: {cosine:.7f} ({ours.shape[0]} tokens x {ours.shape[1]})")
-    if cosine < 0.999:
-        raise LlavaGgufError(f"image features differ from the reference (cosine {cosine:.4f})",
-                             "run `llava-gguf doctor`: is llava_fix true?")
-    return {"model": str(llm_path), "mmproj": str(mm_path), "answer": answer, "cosine": cosine,
-            "image_tokens": int(ours.shape[0]), "seconds": round(time.perf_counter() - t0, 2)}
+        pairs = shapes.questions("test", 0, questions)
+        cosine, shape = _parity(ckpt, files, pairs[0][0].image(size), echo)
+        answers: dict[str, list[str]] = {}
+        for label in QUIZ_TYPES:
+            with LLaVA(files[label], files["mmproj"]) as llava:
+                answers[label] = shapes.gguf_answers(llava, pairs)
+        last = QUIZ_TYPES[-1]
+        echo(f"{len(pairs)} questions about test images the model never saw (answers of the {last} file):")
+        for (sc, q), a in list(zip(pairs, answers[last]))[:show]:
+            mark = "right" if shapes.is_correct(a, q.answer) else "WRONG"
+            echo(f"  [{mark}] {sc.caption()}")
+            echo(f"          Q: {q.text}  A: {a.strip()}  (truth: {q.answer})")
+        result["accuracy"] = {}
+        for label in QUIZ_TYPES:
+            k = round(shapes.accuracy(answers[label], pairs) * len(pairs))
+            echo(f"{label} accuracy: {100 * k / len(pairs):.1f}% ({k}/{len(pairs)})")
+            result["accuracy"][label] = {"correct": k, "n": len(pairs)}
+        result.update(cosine=cosine, image_tokens=int(shape[0]), q4_k_m=str(files["Q4_K_M"]))
+    else:
+        prompt = prompt or (shapes_prompt() if quiz else "What is in the image?")
+        img = user_image if user_image is not None else load_image(DEMO_IMAGE).resize((size, size), resample=3)
+        if img.size == (size, size):
+            result["cosine"], _ = _parity(ckpt, files, img, echo)
+        llm = files.get("Q4_K_M", files["F16"])
+        with LLaVA(llm, files["mmproj"]) as llava:
+            answer = llava.generate_from_image(img, prompt, temperature=0, repeat_penalty=1.0, max_tokens=48)
+        echo(f"model:   {llm}")
+        echo(f"image:   {image or DEMO_IMAGE}")
+        echo(f"prompt:  {prompt}")
+        echo(f"answer:  {answer.strip()}")
+        result["answer"] = answer
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def shapes_prompt() -> str:
+    from .shapes import DESCRIBE
+
+    return DESCRIBE

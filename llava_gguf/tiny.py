@@ -53,12 +53,12 @@ def _corpus(seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 16))) + rng.choice(tails) for _ in range(3000)]
 
 
-def _train_tokenizer(spec: TinySpec) -> bytes:
+def _train_tokenizer(corpus: list[str], sp_vocab: int) -> bytes:
     import sentencepiece as spm
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(spec.seed)), model_writer=buf, vocab_size=spec.sp_vocab, model_type="bpe",
+        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=sp_vocab, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1,
@@ -67,23 +67,35 @@ def _train_tokenizer(spec: TinySpec) -> bytes:
 
 
 def _write_tokenizer(out: Path, spec: TinySpec) -> None:
+    n = write_tokenizer(out, _corpus(spec.seed), sp_vocab=spec.sp_vocab, image_size=spec.image_size)
+    assert n == spec.sp_vocab
+
+
+def write_tokenizer(out: Path, corpus: list[str], *, sp_vocab: int, image_size: int) -> int:
+    """A SentencePiece BPE tokenizer trained on `corpus` (at most `sp_vocab` pieces, byte fallback), with
+    `<image>` and `<pad>` added after it, written as a hub LLaVA-1.5 checkpoint's tokenizer and processor
+    files (with the Vicuna chat template); returns the number of SentencePiece pieces."""
+    import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    (out / "tokenizer.model").write_bytes(_train_tokenizer(spec))
+    out.mkdir(parents=True, exist_ok=True)
+    model = _train_tokenizer(corpus, sp_vocab)
+    n = spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+    (out / "tokenizer.model").write_bytes(model)
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": False}))
     tok = AutoTokenizer.from_pretrained(out)
     tok.add_tokens(["<image>"], special_tokens=True)
     tok.add_special_tokens({"pad_token": "<pad>"})
-    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [spec.sp_vocab, spec.sp_vocab + 1]
+    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [n, n + 1]
     tok.save_pretrained(out)
     # transformers 5 no longer writes added_tokens_decoder; hub checkpoints (saved by 4.x) have it.
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     cfg["added_tokens_decoder"] = {
         str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                  "special": True}
-        for i, t in ((0, "<unk>"), (1, "<s>"), (2, "</s>"), (spec.sp_vocab, "<image>"), (spec.sp_vocab + 1, "<pad>"))}
+        for i, t in ((0, "<unk>"), (1, "<s>"), (2, "</s>"), (n, "<image>"), (n + 1, "<pad>"))}
     cfg.update({"add_bos_token": True, "add_eos_token": False, "legacy": False, "padding_side": "left"})
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     # Hub LLaMA tokenizers (llava-hf's included) were converted by transformers 4.x with the legacy
@@ -98,10 +110,11 @@ def _write_tokenizer(out: Path, spec: TinySpec) -> None:
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": VICUNA_TEMPLATE}))
     (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": spec.image_size},
-        "do_center_crop": True, "crop_size": {"height": spec.image_size, "width": spec.image_size},
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
         "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3}, indent=2))
+    return n
 
 
 def build_model(spec: TinySpec):

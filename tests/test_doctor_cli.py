@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_cli
 from llava_gguf.tiny import sample_image
 
@@ -94,10 +96,59 @@ def test_chat_bad_image(tiny, converted, tmp_path):
     assert p.returncode != 0 and "not an image" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_demo_measures_parity(tmp_path):
-    p = run_cli("demo", "--json", env={"LLAVA_GGUF_CACHE": str(tmp_path / "cache")})
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    return {"LLAVA_GGUF_CACHE": str(tmp_path_factory.mktemp("demo-cache"))}
+
+
+def test_demo_answers_questions_correctly(demo_cache):
+    """The shipped model, converted and quantized by the demo, answers questions about test images it
+    never saw; the accuracy lines are asserted, not just printed."""
+    import re
+
+    p = run_cli("demo", env=demo_cache)
+    assert p.returncode == 0, p.stderr
+    assert "converting" in p.stdout and "quantizing to Q4_K_M" in p.stdout
+    acc = dict(re.findall(r"^(F16|Q4_K_M) accuracy: ([\d.]+)% \(\d+/24\)$", p.stdout, re.M))
+    assert set(acc) == {"F16", "Q4_K_M"}, p.stdout
+    assert float(acc["F16"]) >= 90 and float(acc["Q4_K_M"]) >= 85, p.stdout
+    cos = float(re.search(r"image-feature cosine vs Hugging Face \(F16\): ([\d.]+)", p.stdout).group(1))
+    assert cos >= 0.9999
+    assert p.stdout.count("truth:") >= 3  # some questions shown with answer and truth
+    # cached: the second run converts and quantizes nothing, and gives the same figures
+    p = run_cli("demo", env=demo_cache)
+    assert p.returncode == 0, p.stderr
+    assert "converting" not in p.stdout and "quantizing" not in p.stdout
+    assert dict(re.findall(r"^(F16|Q4_K_M) accuracy: ([\d.]+)%", p.stdout, re.M)) == acc
+    p = run_cli("demo", "--json", "--questions", "5", env=demo_cache)
     assert p.returncode == 0, p.stderr
     result = _last_json(p.stdout)
-    assert result["cosine"] >= 0.999
-    assert result["image_tokens"] == 64
-    assert isinstance(result["answer"], str)
+    assert result["accuracy"]["F16"]["n"] == 5 and result["image_tokens"] == 36
+
+
+def test_demo_on_your_image_and_your_model(demo_cache, tiny, tmp_path, monkeypatch):
+    from llava_gguf import shapes
+    from llava_gguf.demo import run_demo
+    from llava_gguf.errors import LlavaGgufError
+
+    img = tmp_path / "mine.png"
+    sc = shapes.scene("test", 3)
+    sc.image().save(img)
+    p = run_cli("demo", "--image", str(img), "--prompt", "How many shapes are there?", env=demo_cache)
+    assert p.returncode == 0, p.stderr
+    answer = next(line for line in p.stdout.splitlines() if line.startswith("answer:"))
+    assert shapes.is_correct(answer[len("answer:"):], shapes.COUNTS[len(sc.shapes) - 1]), p.stdout
+    # mistakes are one line, before any work
+    for args, says in ((["--image", str(tmp_path / "missing.png")], "missing.png"),
+                       (["--prompt", "Hi?"], "--prompt needs --image"),
+                       (["--model", str(tmp_path / "nowhere")], "nowhere")):
+        p = run_cli("demo", *args, env=demo_cache)
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and says in p.stderr, p.stderr
+    monkeypatch.setattr("llava_gguf.demo.SHIPPED_MODEL", tmp_path / "gone")
+    with pytest.raises(LlavaGgufError, match="shipped demo model is missing"):
+        run_demo(None, None, None, echo=lambda s: None)
+    # any checkpoint: one question, image features measured against the reference
+    p = run_cli("demo", "--model", str(tiny()), "--json", env=demo_cache)
+    assert p.returncode == 0, p.stderr
+    result = _last_json(p.stdout)
+    assert result["cosine"] >= 0.999 and isinstance(result["answer"], str)

@@ -27,6 +27,7 @@ class GGUFInfo:
     chat_template: str | None
     context_length: int | None
     image_tokens: int | None  # mmproj only
+    image_size: int | None = None  # mmproj only: the vision tower's input resolution
 
 
 def open_gguf(path: Path, what: str):
@@ -53,7 +54,7 @@ def read_gguf_info(path: Path, what: str, reader=None) -> GGUFInfo:
         n_embd = field("clip.vision.projection_dim")
         size, patch = field("clip.vision.image_size"), field("clip.vision.patch_size")
         tokens = (size // patch) ** 2 if size and patch else None
-        return GGUFInfo(path, arch, int(n_embd or 0), None, None, tokens)
+        return GGUFInfo(path, arch, int(n_embd or 0), None, None, tokens, int(size) if size else None)
     return GGUFInfo(path, arch, int(field(f"{arch}.embedding_length") or 0), field("tokenizer.chat_template"),
                     field(f"{arch}.context_length"), None)
 
@@ -407,11 +408,8 @@ class LLaVA:
         """Render `messages` (with a generation prompt) and make the KV cache hold exactly that prompt,
         decoding only what differs from what it held. `images` fill the messages' image slots in order."""
         t0 = self._t_call = time.perf_counter()
-        text = self.render(messages)
-        hashes: list[str] = []
-        chunks = self._tokenize(text, list(images), add_special=True, hashes=hashes)
+        chunks, segs = self._prompt(messages, images)
         try:
-            segs = self._splice_answers(self._segments(chunks, hashes), self._answers(messages))
             self._evaluate(segs)
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
@@ -420,90 +418,115 @@ class LLaVA:
 
     def count_prompt(self, messages: list[Message], images: Sequence[ImageInput]) -> int:
         """Positions `messages` would take in the context (text tokens + image rows), without decoding."""
-        text = self.render(messages)
-        chunks = self._tokenize(text, list(images), add_special=True)
-        try:
-            mt = self._mtmd
-            return sum(int(mt.mtmd_input_chunk_get_n_tokens(mt.mtmd_input_chunks_get(chunks, i)))
-                       for i in range(mt.mtmd_input_chunks_size(chunks)))
-        finally:
-            self._mtmd.mtmd_input_chunks_free(chunks)
+        chunks, segs = self._prompt(messages, images)
+        self._mtmd.mtmd_input_chunks_free(chunks)
+        return sum(len(seg[1]) if seg[0] == "text" else seg[3] for seg in segs)
 
     def _piece(self, token: int) -> bytes:
+        """A token's text, special tokens as written (llama-cpp-python's detokenize cuts pieces at 32 bytes)."""
         piece = self._pieces.get(token)
         if piece is None:
-            piece = self._pieces[token] = self.llm.detokenize([token], special=True)
+            buf = ctypes.create_string_buffer(256)
+            n = self._lc.llama_token_to_piece(self.llm._model.vocab, token, buf, len(buf), 0, True)
+            piece = self._pieces[token] = buf.raw[:n] if n > 0 else b""
         return piece
 
     # an answer cut short (stop string, stripped trailing space, an unfinished UTF-8 character) still has
     # all but its last few tokens in the rendered text
     _SPLICE_TAIL = 8
 
-    def _answers(self, messages: list[Message]) -> list[tuple[list[int], bytes]]:
-        """Each assistant message with token ids, and the text its template puts between the generation
-        prompt and the answer (" " after Vicuna's "ASSISTANT:", nothing after a prompt ending in a
-        newline): the ids were generated right after the generation prompt, so they replace both."""
+    def _answers(self, messages: list[Message]) -> list[tuple[list[int], bytes, bytes]]:
+        """Each assistant message with token ids: (ids, sep, anchor). `sep` is what the template puts
+        between the generation prompt and the answer (" " after Vicuna's "ASSISTANT:", nothing after a
+        prompt ending in a newline): the ids were generated right after the generation prompt, so they
+        replace both. `anchor` is the generation prompt's last word: the answer is looked for only right
+        after it."""
         out = []
         for i, m in enumerate(messages):
             if m.role != "assistant" or not m.tokens:
                 continue
-            sep = b""
             try:
                 head = self.render(messages[:i])
                 whole = self.render(messages[: i + 1], add_generation_prompt=False)
-                text = m.text.replace(self._marker, "").replace(IMAGE_PLACEHOLDER, "< image>")
-                if whole.startswith(head) and text and whole.find(text, len(head)) >= 0:
-                    gap = whole[len(head): whole.find(text, len(head))]
-                    sep = gap.encode() if gap.isspace() else b""
             except LlavaGgufError:
-                pass
-            out.append((list(m.tokens), sep))
+                continue
+            text = m.text.replace(self._marker, "").replace(IMAGE_PLACEHOLDER, "< image>")
+            at = whole.find(text, len(head)) if text and whole.startswith(head) else -1
+            gap = whole[len(head):at] if at >= 0 else ""
+            anchor = head.rstrip().split()[-1][-8:] if head.strip() else ""
+            if at < 0 or (gap and not gap.isspace()) or not anchor:
+                continue  # the template does not put the answer right after the generation prompt
+            out.append((list(m.tokens), gap.encode(), anchor.encode()))
         return out
 
-    def _splice_answers(self, segs: list[tuple], answers: list[tuple[list[int], bytes]]) -> list[tuple]:
+    def _prompt(self, messages: list[Message], images: Sequence[ImageInput], hashes: list[str] | None = None):
+        """(mtmd chunks, segments): the conversation rendered, tokenized, its answers' own ids spliced in.
+        The caller frees the chunks."""
+        text = self.render(messages)
+        hashes = [] if hashes is None else hashes
+        chunks = self._tokenize(text, list(images), add_special=True, hashes=hashes)
+        try:
+            return chunks, self._splice_answers(self._segments(chunks, hashes), self._answers(messages))
+        except BaseException:
+            self._mtmd.mtmd_input_chunks_free(chunks)
+            raise
+
+    def _splice_answers(self, segs: list[tuple], answers: list[tuple[list[int], bytes, bytes]]) -> list[tuple]:
         """Put each answer's own token ids back where the rendered text tokenized it differently, so the
         prompt matches, position for position, what the KV cache holds from generating the answer. A run
-        of tokens is replaced only by ids with the same text (up to the whitespace between the generation
-        prompt and the answer, which is then the text the model generated after)."""
+        of tokens right after the generation prompt is replaced only by ids with the same text (up to the
+        whitespace between the generation prompt and the answer, which then is what the model generated
+        after it)."""
         if not answers:
             return segs
         n_vocab = self.llm.n_vocab()
         out = list(segs)
         si, cursor = 0, 0
-        for ids, sep in answers:
+        for ids, sep, anchor in answers:
             if not all(0 <= t < n_vocab for t in ids):
                 continue
             for sj in range(si, len(out)):
                 if out[sj][0] != "text":
                     continue
-                hit = self._splice(out[sj][1], cursor if sj == si else 0, ids, sep)
+                hit = self._splice(out[sj][1], cursor if sj == si else 0, ids, sep, anchor)
                 if hit is not None:
                     out[sj] = ("text", hit[0])
                     si, cursor = sj, hit[1]
                     break
         return out
 
-    def _splice(self, toks: list[int], start: int, ids: list[int], sep: bytes) -> tuple[list[int], int] | None:
+    def _splice(self, toks: list[int], start: int, ids: list[int], sep: bytes,
+                anchor: bytes) -> tuple[list[int], int] | None:
         pieces = [self._piece(t) for t in toks[start:]]
-        at = {0: 0}
+        first: dict[int, int] = {}  # byte offset -> the first / last token index starting there
+        last: dict[int, int] = {}
         off = 0
-        for i, pc in enumerate(pieces, 1):
+        for i, pc in enumerate(pieces):
+            first.setdefault(off, i)
+            last[off] = i
             off += len(pc)
-            at[off] = i
+        first.setdefault(off, len(pieces))
+        last[off] = len(pieces)
         text = b"".join(pieces)
         gen = [self._piece(t) for t in ids]
-        for k in range(len(ids), max(0, len(ids) - self._SPLICE_TAIL), -1):
-            core = b"".join(gen[:k]).lstrip()
-            if not core:
-                continue
-            for lead in ((sep, b"") if sep else (b"",)):
-                needle = lead + core
-                o = text.find(needle)
-                while o != -1:
-                    if o in at and o + len(needle) in at:
-                        i, j = start + at[o], start + at[o + len(needle)]
-                        return toks[:i] + ids[:k] + toks[j:], i + k
-                    o = text.find(needle, o + 1)
+        a = text.find(anchor)
+        while a != -1:
+            g = a + len(anchor)  # where the generation prompt ends
+            for k in range(len(ids), max(0, len(ids) - self._SPLICE_TAIL - 1), -1):
+                mine = b"".join(gen[:k])
+                core = mine.lstrip()
+                if not core:
+                    continue
+                # the answer's own leading whitespace replaces the template's separator ...
+                if g in last and text.startswith(sep + core, g) and g + len(sep + core) in first:
+                    i, j = start + last[g], start + first[g + len(sep + core)]
+                    return toks[:i] + ids[:k] + toks[j:], i + k
+                # ... or the ids start after the separator, and then say exactly what the text says
+                h = g + len(sep)
+                if sep and mine == core and h in last and text.startswith(core, h) and h + len(core) in first:
+                    i, j = start + last[h], start + first[h + len(core)]
+                    return toks[:i] + ids[:k] + toks[j:], i + k
+            a = text.find(anchor, a + 1)
         return None
 
     def _held(self) -> list:

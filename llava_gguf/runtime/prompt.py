@@ -2,6 +2,7 @@
 image before the text as LLaVA was trained; never a handler's hard-coded system prompt."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..errors import LlavaGgufError
@@ -44,21 +45,27 @@ def _generation_extension():
     return Generation
 
 
-def render(template: str, messages: list[Message], *, bos: str, eos: str, add_generation_prompt: bool = True) -> str:
-    """The prompt text, with IMAGE_PLACEHOLDER where each image goes (in order)."""
-    from jinja2 import TemplateError
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_generation_extension()])
+    return env.from_string(template)
 
-    def raise_exception(message: str) -> None:
-        raise LlavaGgufError(f"the chat template refused the conversation: {message}")
+
+def _raise_exception(message: str) -> None:
+    raise LlavaGgufError(f"the chat template refused the conversation: {message}")
+
+
+def render(template: str, messages: list[Message], *, bos: str, eos: str, add_generation_prompt: bool = True) -> str:
+    """The prompt text, with IMAGE_PLACEHOLDER where each image goes (in order)."""
+    from jinja2 import TemplateError
 
     try:
-        text = env.from_string(template).render(
+        text = _compiled(template).render(
             messages=[{"role": m.role, "content": _content(m)} for m in messages],
             add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
-            raise_exception=raise_exception)
+            raise_exception=_raise_exception)
     except TemplateError as e:
         raise LlavaGgufError(f"the model's chat template failed: {e}") from None
     return text

@@ -142,16 +142,19 @@ class ChatSession:
         was written; a turn that failed or was stopped before any answer leaves the conversation as it was."""
         answer: list[str] = []
         done = False
+        stats = None
         try:
             for piece in pieces:
+                if stats is None:
+                    stats = self.model.last  # this answer's (another call may run before the stream ends)
                 answer.append(piece)
                 yield piece
             done = True
         finally:
             pieces.close()  # type: ignore[attr-defined]  # (stopped early) the answer's tokens are final now
             if done or "".join(answer).strip():
-                self.turns = turns + [Turn("assistant", "".join(answer).strip(),
-                                           tokens=self.model.last.answer_tokens or None)]
+                stats = stats or self.model.last
+                self.turns = turns + [Turn("assistant", "".join(answer).strip(), tokens=stats.answer_tokens or None)]
 
     def _fit(self, turns: list[Turn], max_tokens: int) -> list[Turn]:
         """The turns that fit the context with room for a short answer, dropping the oldest ones when

@@ -1,0 +1,549 @@
+"""Train the small LLaVA that llava-gguf ships, the way the LLaVA paper trains the real one, on the
+synthetic shapes task (`llava_gguf.shapes`):
+
+  a. a CLIP-style vision tower (transformers' CLIPVisionModel), pretrained contrastively against a small
+     text encoder on image/caption pairs;
+  b. a LLaMA language model (LlamaForCausalLM) pretrained on the task's text;
+  c. LLaVA stage 1: only the 2-layer GELU projector trained, on captioning (vision tower and LLM frozen);
+  d. LLaVA stage 2: projector and LLM trained on question answering (vision tower frozen).
+
+    python -m training.train --out runs/shapes [--seed 0] [--steps-scale 1.0] [--export DIR]
+
+Each stage writes its weights to OUT/<stage>/ when it ends and a resumable state every few hundred
+steps; running the command again continues where it stopped. Everything is a function of the seed (data
+order included), with a fixed thread count. The result is saved by `save_pretrained` (float16) with the
+tokenizer and processor files of a hub LLaVA-1.5 checkpoint, and a model card.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from llava_gguf import shapes  # noqa: E402
+from llava_gguf.tiny import CLIP_MEAN, CLIP_STD, write_tokenizer  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    threads: int = 2
+    train_scenes: int = 20000
+    sp_vocab: int = 512
+    # vision tower: 84x84 images in 14-pixel patches -> 36 image tokens
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    # language model: widths multiples of 256 so that every llama.cpp quantization type applies
+    text_hidden: int = 256
+    text_ff: int = 768
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    # stages: steps, batch, learning rate
+    clip_steps: int = 1600
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    lm_steps: int = 400
+    lm_batch: int = 64
+    lm_lr: float = 1e-3
+    proj_steps: int = 400
+    proj_batch: int = 32
+    proj_lr: float = 1e-3
+    qa_steps: int = 2400
+    qa_batch: int = 32
+    qa_lr: float = 1e-3
+    val_questions: int = 250
+
+    def scaled(self, k: float) -> Config:
+        from dataclasses import replace
+
+        return replace(self, **{f: max(2, int(getattr(self, f) * k))
+                                for f in ("clip_steps", "lm_steps", "proj_steps", "qa_steps")})
+
+
+STAGES = ("clip", "lm", "projector", "qa")
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+class Data:
+    """The training scenes' pixels (generated once), the tokenizer, and batches by (stage, step)."""
+
+    def __init__(self, cfg: Config, tok_dir: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.tok = AutoTokenizer.from_pretrained(tok_dir)
+        self.image_id = self.tok.convert_tokens_to_ids("<image>")
+        self.pad_id = self.tok.convert_tokens_to_ids("<pad>")
+        self.bos, self.eos = self.tok.bos_token_id, self.tok.eos_token_id
+        self.n_image = (shapes.IMAGE_SIZE // 14) ** 2
+        t = time.perf_counter()
+        self.scenes = [shapes.scene("train", i) for i in range(cfg.train_scenes)]
+        self.pixels = np.stack([np.asarray(sc.image(), dtype=np.uint8) for sc in self.scenes])
+        log(f"{len(self.scenes)} training scenes generated in {time.perf_counter() - t:.1f} s")
+        self._enc: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text segment as the runtime tokenizes it after a special token (no BOS)."""
+        ids = self._enc.get(text)
+        if ids is None:
+            ids = self._enc[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def rng(self, stage: str, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, STAGES.index(stage), step])
+
+    @staticmethod
+    def normalize(pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(pixels).float().div_(255).permute(0, 3, 1, 2)
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def pad(self, seqs: list[list[int]], labels: list[list[int]] | None = None):
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        lab = torch.full((len(seqs), n), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            if labels is not None:
+                lab[i, : len(s)] = torch.tensor(labels[i])
+        return ids, mask, lab
+
+    def prompt(self, question: str) -> list[int]:
+        """The Vicuna prompt the runtime renders: <s>USER: <image>\\n{question} ASSISTANT:"""
+        return ([self.bos] + self.encode("USER: ") + [self.image_id] * self.n_image
+                + self.encode(f"\n{question} ASSISTANT:"))
+
+    def example(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        p = self.prompt(question)
+        a = self.encode(answer) + [self.eos]
+        return p + a, [-100] * len(p) + a
+
+    def clip_batch(self, step: int):
+        """Half the batch training scenes, half the same scenes with one shape's kind or colour changed
+        (hard negatives: otherwise captions are told apart by colour and position alone)."""
+        rng = self.rng("clip", step)
+        idx = rng.choice(len(self.scenes), self.cfg.clip_batch // 2, replace=False)
+        twins = [shapes.variant(self.scenes[i], random.Random(int(rng.integers(1 << 62)))) for i in idx]
+        caps = [self.encode(sc.caption()) + [self.eos] for sc in [self.scenes[i] for i in idx] + twins]
+        ids, mask, _ = self.pad(caps)
+        pixels = np.concatenate([self.pixels[idx], np.stack([np.asarray(t.image(), dtype=np.uint8) for t in twins])])
+        return self.normalize(pixels), ids, mask
+
+    def lm_batch(self, step: int):
+        rng = self.rng("lm", step)
+        seqs, labs = [], []
+        for i in rng.choice(len(self.scenes), self.cfg.lm_batch, replace=False):
+            sc = self.scenes[i]
+            if rng.random() < 0.3:
+                text = self.encode(sc.caption()) + [self.eos]
+            else:
+                q = sc.questions()[rng.integers(len(shapes.QUESTION_KINDS))]
+                text = self.encode(f"USER: {q.text} ASSISTANT:") + self.encode(q.answer.capitalize()) + [self.eos]
+            seqs.append([self.bos] + text)
+            labs.append([-100] + text)
+        return self.pad(seqs, labs)
+
+    def llava_batch(self, stage: str, step: int, batch: int, caption_share: float):
+        rng = self.rng(stage, step)
+        idx = rng.choice(len(self.scenes), batch, replace=False)
+        seqs, labs = [], []
+        for i in idx:
+            sc = self.scenes[i]
+            if rng.random() < caption_share:
+                s, lab = self.example(shapes.DESCRIBE, sc.caption())
+            else:
+                q = sc.questions()[rng.integers(len(shapes.QUESTION_KINDS))]
+                s, lab = self.example(q.text, q.answer.capitalize())
+            seqs.append(s)
+            labs.append(lab)
+        ids, mask, lab = self.pad(seqs, labs)
+        return self.normalize(self.pixels[idx]), ids, mask, lab
+
+
+# -------------------------------------------------------------------------------------------- models
+def vision_config(cfg: Config):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 4,
+                            num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                            image_size=shapes.IMAGE_SIZE, patch_size=14, projection_dim=cfg.text_hidden,
+                            hidden_act="quick_gelu")
+
+
+def text_config(cfg: Config, vocab: int, pad_id: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_ff, num_hidden_layers=cfg.text_layers,
+                       num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads, vocab_size=vocab,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=pad_id, tie_word_embeddings=False)
+
+
+class Contrastive(torch.nn.Module):
+    """CLIP: the vision tower and a small text encoder, each pooled and projected, InfoNCE both ways."""
+
+    def __init__(self, cfg: Config, vocab: int) -> None:
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionModel
+
+        self.vision = CLIPVisionModel(vision_config(cfg))
+        self.text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=128, intermediate_size=512,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 max_position_embeddings=64, hidden_act="quick_gelu",
+                                                 bos_token_id=1, eos_token_id=2, pad_token_id=0))
+        self.v_proj = torch.nn.Linear(cfg.vision_hidden, 128, bias=False)
+        self.t_proj = torch.nn.Linear(128, 128, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, pixels, ids, mask):
+        v = self.v_proj(self.vision(pixel_values=pixels).pooler_output)
+        h = self.text(input_ids=ids, attention_mask=mask).last_hidden_state
+        t = self.t_proj(h[torch.arange(len(ids)), mask.sum(1) - 1])  # the end-of-text position
+        v, t = F.normalize(v, dim=-1), F.normalize(t, dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * v @ t.T
+        target = torch.arange(len(ids))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return loss, (logits.argmax(1) == target).float().mean()
+
+
+def build_llava(cfg: Config, data: Data):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    lc = LlavaConfig(vision_config=vision_config(cfg), text_config=text_config(cfg, len(data.tok), data.pad_id),
+                     image_token_id=data.image_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                     projector_hidden_act="gelu", image_seq_length=data.n_image)
+    return LlavaForConditionalGeneration(lc)
+
+
+# -------------------------------------------------------------------------------------------- training
+def schedule(opt, step: int, total: int, lr: float) -> None:
+    warm = max(1, total // 20)
+    f = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0) * max(f, 0.02)
+
+
+def run_stage(name: str, out: Path, module: torch.nn.Module, params, steps: int, lr: float, step_fn,
+              every: int = 50, save_every: int = 250) -> float:
+    """Train `params` of `module` for `steps` with AdamW and a warm-up + cosine schedule, resumable from
+    OUT/<name>/state.pt; `step_fn(step) -> (loss, metric)`."""
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start, before = 0, 0.0
+    begun = time.perf_counter()
+    if (d / "state.pt").is_file():
+        st = torch.load(d / "state.pt", weights_only=False)
+        module.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        torch.set_rng_state(st["rng"])
+        start, before = st["step"], st.get("elapsed", 0.0)
+        log(f"[{name}] resuming at step {start}/{steps}")
+    module.train()
+    t0, seen = time.perf_counter(), 0
+    run_loss = run_metric = 0.0
+    for step in range(start, steps):
+        schedule(opt, step, steps, lr)
+        loss, metric = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        run_loss += loss.item()
+        run_metric += float(metric)
+        seen += 1
+        if (step + 1) % every == 0 or step + 1 == steps:
+            rate = (time.perf_counter() - t0) / seen
+            log(f"[{name}] step {step + 1}/{steps}  loss {run_loss / seen:.4f}  {step_fn.metric} "
+                f"{run_metric / seen:.3f}  ({rate:.2f} s/step, {rate * (steps - step - 1) / 60:.1f} min left)")
+            run_loss = run_metric = 0.0
+            t0, seen = time.perf_counter(), 0
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            tmp = d / "state.pt.partial"
+            torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
+                        "step": step + 1,
+                        "elapsed": before + time.perf_counter() - begun}, tmp)
+            tmp.replace(d / "state.pt")
+    module.eval()
+    return before + time.perf_counter() - begun
+
+
+def token_accuracy(logits, labels) -> torch.Tensor:
+    pred = logits[:, :-1].argmax(-1)
+    lab = labels[:, 1:]
+    keep = lab != -100
+    return (pred[keep] == lab[keep]).float().mean()
+
+
+def clip_step(model: Contrastive, data: Data):
+    def step(i):
+        return model(*data.clip_batch(i))
+
+    step.metric = "in-batch retrieval"
+    return step
+
+
+def lm_step(model, data: Data):
+    def step(i):
+        ids, mask, lab = data.lm_batch(i)
+        o = model(input_ids=ids, attention_mask=mask, labels=lab)
+        return o.loss, token_accuracy(o.logits, lab)
+
+    step.metric = "token accuracy"
+    return step
+
+
+def llava_params(model, name: str) -> list[dict]:
+    """What LLaVA stage 1 ("projector") and stage 2 ("qa") train: the projector; and in stage 2 the
+    language model too (at half the projector's rate). The vision tower stays frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    groups = [{"params": list(model.model.multi_modal_projector.parameters()),
+               "lr_scale": 1.0 if name == "projector" else 2.0}]
+    if name == "qa":
+        groups.append({"params": list(model.model.language_model.parameters()) + list(model.lm_head.parameters()),
+                       "lr_scale": 1.0})
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def llava_step(model, data: Data, name: str):
+    """Stage 1: captions only; stage 2: questions, with some captions kept."""
+    batch, share = (data.cfg.proj_batch, 1.0) if name == "projector" else (data.cfg.qa_batch, 0.15)
+
+    def step(i):
+        px, ids, mask, lab = data.llava_batch(name, i, batch, share)
+        o = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=lab)
+        return o.loss, token_accuracy(o.logits, lab)
+
+    step.metric = "answer-token accuracy"
+    return step
+
+
+def stage_clip(cfg: Config, out: Path, data: Data):
+    from transformers import CLIPVisionModel
+
+    done = out / "clip" / "vision"
+    if done.is_dir():
+        return CLIPVisionModel.from_pretrained(done)
+    torch.manual_seed(cfg.seed)
+    model = Contrastive(cfg, len(data.tok))
+    step = clip_step(model, data)
+    secs = run_stage("clip", out, model, model.parameters(), cfg.clip_steps, cfg.clip_lr, step)
+    with torch.no_grad():  # validation: caption retrieval among 128 unseen scenes
+        val = [shapes.scene("val", i) for i in range(128)]
+        px = Data.normalize(np.stack([np.asarray(s.image()) for s in val]))
+        ids, mask, _ = data.pad([data.encode(s.caption()) + [data.eos] for s in val])
+        _, acc = model(px, ids, mask)
+    log(f"[clip] validation: image->caption retrieval among 128: {acc:.3f}")
+    _metrics(out, "clip", {"val_retrieval_at_128": float(acc), "minutes": secs / 60})
+    _save(model.vision, done)
+    return model.vision
+
+
+def stage_lm(cfg: Config, out: Path, data: Data):
+    from transformers import LlamaForCausalLM
+
+    done = out / "lm" / "model"
+    if done.is_dir():
+        return LlamaForCausalLM.from_pretrained(done)
+    torch.manual_seed(cfg.seed + 1)
+    model = LlamaForCausalLM(text_config(cfg, len(data.tok), data.pad_id))
+    step = lm_step(model, data)
+    secs = run_stage("lm", out, model, model.parameters(), cfg.lm_steps, cfg.lm_lr, step)
+    with torch.no_grad():
+        model.eval()
+        accs = [token_accuracy(model(input_ids=b[0], attention_mask=b[1]).logits, b[2])
+                for b in (data.lm_batch(10_000_000 + k) for k in range(4))]
+    acc = float(torch.stack(accs).mean())
+    log(f"[lm] batches not trained on: next-token accuracy {acc:.3f} (answers without the image: guesses)")
+    _metrics(out, "lm", {"token_accuracy": acc, "minutes": secs / 60})
+    _save(model, done)
+    return model
+
+
+def _save(model, done: Path) -> None:
+    """A stage's weights, complete or not at all (a later run takes an existing directory as done)."""
+    tmp = done.with_name(done.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tmp.replace(done)
+
+
+def _metrics(out: Path, stage: str, values: dict) -> None:
+    p = out / "metrics.json"
+    m = json.loads(p.read_text()) if p.is_file() else {}
+    m[stage] = values
+    p.write_text(json.dumps(m, indent=2))
+
+
+def assemble(cfg: Config, data: Data, vision, lm):
+    torch.manual_seed(cfg.seed + 2)
+    model = build_llava(cfg, data)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    return model
+
+
+def stage_llava(cfg: Config, out: Path, data: Data, model, name: str):
+    """LLaVA stage 1 (projector on captions) or stage 2 (projector + LLM on questions)."""
+    from transformers import LlavaForConditionalGeneration
+
+    done = out / name / "model"
+    if done.is_dir():
+        return LlavaForConditionalGeneration.from_pretrained(done)
+    params = llava_params(model, name)
+    steps, lr = (cfg.proj_steps, cfg.proj_lr) if name == "projector" else (cfg.qa_steps, cfg.qa_lr)
+    step = llava_step(model, data, name)
+    secs = run_stage(name, out, model, params, steps, lr, step)
+    model.eval()
+    if name == "projector":
+        pairs = [(shapes.scene("val", i), shapes.Question("caption", shapes.DESCRIBE, shapes.scene("val", i).caption()))
+                 for i in range(48)]
+    else:
+        pairs = shapes.questions("val", 0, cfg.val_questions)
+    answers = shapes.hf_answers(model, data.tok, pairs, max_new_tokens=40 if name == "projector" else 8)
+    acc = sum(shapes.is_correct(a, q.answer) for a, (_, q) in zip(answers, pairs)) / len(pairs)
+    what = "exact captions" if name == "projector" else "answers"
+    log(f"[{name}] validation: {what} {acc:.1%} of {len(pairs)}")
+    if name == "qa":
+        by_kind = {}
+        for a, (_, q) in zip(answers, pairs):
+            by_kind.setdefault(q.kind, []).append(shapes.is_correct(a, q.answer))
+        log("[qa] by kind: " + ", ".join(f"{k} {sum(v) / len(v):.1%}" for k, v in by_kind.items()))
+    _metrics(out, name, {"val_accuracy": acc, "val_n": len(pairs), "minutes": secs / 60})
+    _save(model, done)
+    return model
+
+
+# -------------------------------------------------------------------------------------------- export
+def export(cfg: Config, out: Path, model, tok_dir: Path, dest: Path, metrics: dict, minutes: float) -> None:
+    if dest.exists() and not (dest / "training.json").is_file():
+        sys.exit(f"--export {dest} exists and is not a model this command wrote: not replacing it")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.to(torch.float16).save_pretrained(tmp)
+    model.to(torch.float32)
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    cfgj = json.loads((tmp / "config.json").read_text())
+    (tmp / "training.json").write_text(json.dumps({"task": "llava_gguf.shapes", "config": asdict(cfg), "metrics": metrics,
+                                                   "minutes": round(minutes, 1)}, indent=2))
+    (tmp / "README.md").write_text(model_card(cfg, cfgj, metrics, minutes))
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.replace(old)
+    tmp.replace(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    log(f"exported to {dest}")
+
+
+def model_card(cfg: Config, cfgj: dict, metrics: dict, minutes: float) -> str:
+    def pct(stage: str, key: str) -> str:
+        v = metrics.get(stage, {}).get(key)
+        return f"{v:.1%}" if isinstance(v, float) else "n/a"
+
+    return f"""# shapes-llava: a small LLaVA-1.5 trained on synthetic shapes
+
+A LLaVA-1.5-architecture model (CLIP ViT vision tower, 2-layer GELU projector, LLaMA language model) trained
+from scratch by `python -m training.train` in {minutes:.0f} minutes on a 2-core CPU, on the synthetic
+visual question-answering task of `llava_gguf.shapes`: 84x84 images with one to three coloured shapes
+(circle, square, triangle, star, diamond; red, green, blue, yellow, purple, orange; small or large) in a
+3x3 grid, on plain or noisy backgrounds. It answers short questions about them:
+
+    USER: <image>
+    What color is the star? ASSISTANT: Purple
+
+Question kinds: colour of a shape, shape of a colour, how many shapes, where a shape is, whether a shape
+is there; and "Describe the image." for a caption.
+
+## Architecture
+- Vision tower: CLIPVisionModel, 84x84 pixels, patch 14 (36 patches), width {cfg.vision_hidden}, {cfg.vision_layers}
+  layers; features from the second-to-last layer, the class token dropped (LLaVA-1.5's default).
+- Projector: Linear({cfg.vision_hidden}, {cfg.text_hidden}) - GELU - Linear({cfg.text_hidden}, {cfg.text_hidden}).
+- Language model: LlamaForCausalLM, width {cfg.text_hidden}, {cfg.text_layers} layers, {cfg.text_heads} heads
+  ({cfg.text_kv_heads} key/value heads), feed-forward {cfg.text_ff}, vocabulary {cfgj['text_config']['vocab_size']}
+  (a SentencePiece BPE model trained on the task's text, with `<image>` and `<pad>` added).
+- Prompt: Vicuna style, `USER: <image>\\n{{question}} ASSISTANT:` (chat_template.json).
+
+## Training (seed {cfg.seed}, {cfg.train_scenes} training scenes)
+| stage | what is trained | steps x batch | validation |
+|---|---|---|---|
+| a. CLIP pretraining | vision tower + a small text encoder, contrastive | {cfg.clip_steps} x {cfg.clip_batch} | caption retrieval among 128: {pct('clip', 'val_retrieval_at_128')} |
+| b. LM pretraining | language model, on the task's text | {cfg.lm_steps} x {cfg.lm_batch} | next-token accuracy: {pct('lm', 'token_accuracy')} |
+| c. LLaVA stage 1 | projector only, captioning | {cfg.proj_steps} x {cfg.proj_batch} | exact captions: {pct('projector', 'val_accuracy')} |
+| d. LLaVA stage 2 | projector + language model, questions | {cfg.qa_steps} x {cfg.qa_batch} | answers: {pct('qa', 'val_accuracy')} |
+
+Weights are stored in float16. Validation and test scenes come from other seeds than the training ones.
+Accuracy on the test split through transformers and through llava-gguf's GGUF files: docs/benchmarks.md
+(`python bench/accuracy.py`).
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="run directory (stage checkpoints; resumable)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (quick trials)")
+    ap.add_argument("--export", type=Path, help="where to save the final checkpoint (default OUT/shapes-llava)")
+    args = ap.parse_args(argv)
+    cfg = Config(seed=args.seed).scaled(args.steps_scale)
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stored = args.out / "config.json"
+    if stored.is_file() and json.loads(stored.read_text()) != asdict(cfg):
+        sys.exit(f"{args.out} holds a run with another configuration (seed or --steps-scale): use a new --out")
+    stored.write_text(json.dumps(asdict(cfg), indent=2))
+    t0 = time.perf_counter()
+    tok_dir = args.out / "tokenizer"
+    if not tok_dir.is_dir():
+        tmp = args.out / "tokenizer.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_tokenizer(tmp, shapes.corpus(), sp_vocab=cfg.sp_vocab, image_size=shapes.IMAGE_SIZE)
+        tmp.replace(tok_dir)
+    data = Data(cfg, tok_dir)
+    vision = stage_clip(cfg, args.out, data)
+    lm = stage_lm(cfg, args.out, data)
+    model = None
+    if not (args.out / "projector" / "model").is_dir():
+        model = assemble(cfg, data, vision, lm)
+    model = stage_llava(cfg, args.out, data, model, "projector")
+    model = stage_llava(cfg, args.out, data, model, "qa")
+    metrics = json.loads((args.out / "metrics.json").read_text())
+    minutes = sum(m.get("minutes", 0.0) for m in metrics.values())  # training time over all invocations
+    export(cfg, args.out, model, tok_dir, args.export or args.out / "shapes-llava", metrics, minutes)
+    log(f"done: {minutes:.1f} min of training in all, {(time.perf_counter() - t0) / 60:.1f} min this invocation")
+
+
+if __name__ == "__main__":
+    main()
