@@ -71,11 +71,9 @@ def main() -> None:
     lines = ["| model file | size (LLM + mmproj) | accuracy | agreement with transformers | "
              + " | ".join(kinds) + " | time |", "|---|---|---|---|" + "---|" * len(kinds) + "---|"]
     for label, size, answers, secs, against in rows:
-        per = []
-        for kind in kinds:
-            sel = [(a, p) for a, p in zip(answers, pairs) if p[1].kind == kind]
-            per.append(f"{100 * shapes.accuracy([a for a, _ in sel], [p for _, p in sel]):.1f}%")
-        k = round(shapes.accuracy(answers, pairs) * len(pairs))
+        by_kind = shapes.accuracy_by_kind(answers, pairs)
+        per = [f"{100 * by_kind[kind]:.1f}%" for kind in kinds]
+        k = shapes.correct(answers, pairs)
         agree = "—" if against is None else f"{100 * shapes.agreement(answers, against):.2f}%"
         lines.append(f"| {label} | {size} | {100 * k / len(pairs):.2f}% ({k}/{len(pairs)}) | {agree} | "
                      + " | ".join(per) + f" | {secs:.0f} s |")

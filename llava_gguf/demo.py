@@ -146,7 +146,7 @@ def run_demo(model: Path | None, image: Path | None, prompt: str | None, echo: C
             echo(f"          Q: {q.text}  A: {a.strip()}  (truth: {q.answer})")
         result["accuracy"] = {}
         for label in QUIZ_TYPES:
-            k = round(shapes.accuracy(answers[label], pairs) * len(pairs))
+            k = shapes.correct(answers[label], pairs)
             echo(f"{label} accuracy: {100 * k / len(pairs):.1f}% ({k}/{len(pairs)})")
             result["accuracy"][label] = {"correct": k, "n": len(pairs)}
         result.update(cosine=cosine, image_tokens=int(shape[0]), q4_k_m=str(files["Q4_K_M"]))

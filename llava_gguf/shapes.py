@@ -302,8 +302,22 @@ def gguf_answers(llava, pairs: list[tuple[Scene, Question]], *, max_tokens: int 
                                       max_tokens=max_tokens).strip() for sc, q in pairs]
 
 
+def correct(answers: list[str], pairs: list[tuple[Scene, Question]]) -> int:
+    return sum(is_correct(a, q.answer) for a, (_, q) in zip(answers, pairs))
+
+
 def accuracy(answers: list[str], pairs: list[tuple[Scene, Question]]) -> float:
-    return sum(is_correct(a, q.answer) for a, (_, q) in zip(answers, pairs)) / max(1, len(pairs))
+    return correct(answers, pairs) / max(1, len(pairs))
+
+
+def accuracy_by_kind(answers: list[str], pairs: list[tuple[Scene, Question]]) -> dict[str, float]:
+    """Accuracy per question kind, in QUESTION_KINDS order (kinds without questions left out)."""
+    out = {}
+    for kind in QUESTION_KINDS:
+        sel = [(a, p) for a, p in zip(answers, pairs) if p[1].kind == kind]
+        if sel:
+            out[kind] = accuracy([a for a, _ in sel], [p for _, p in sel])
+    return out
 
 
 def agreement(a: list[str], b: list[str]) -> float:

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from llava_gguf import shapes  # noqa: E402
-from llava_gguf.tiny import CLIP_MEAN, CLIP_STD, write_tokenizer  # noqa: E402
+from llava_gguf.tiny import write_tokenizer  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,7 @@ class Data:
 
     @staticmethod
     def normalize(pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(pixels).float().div_(255).permute(0, 3, 1, 2)
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return shapes.normalize_pixels(pixels)
 
     def pad(self, seqs: list[list[int]], labels: list[list[int]] | None = None):
         n = max(len(s) for s in seqs)
@@ -429,14 +426,11 @@ def stage_llava(cfg: Config, out: Path, data: Data, model, name: str):
     else:
         pairs = shapes.questions("val", 0, cfg.val_questions)
     answers = shapes.hf_answers(model, data.tok, pairs, max_new_tokens=40 if name == "projector" else 8)
-    acc = sum(shapes.is_correct(a, q.answer) for a, (_, q) in zip(answers, pairs)) / len(pairs)
+    acc = shapes.accuracy(answers, pairs)
     what = "exact captions" if name == "projector" else "answers"
     log(f"[{name}] validation: {what} {acc:.1%} of {len(pairs)}")
     if name == "qa":
-        by_kind = {}
-        for a, (_, q) in zip(answers, pairs):
-            by_kind.setdefault(q.kind, []).append(shapes.is_correct(a, q.answer))
-        log("[qa] by kind: " + ", ".join(f"{k} {sum(v) / len(v):.1%}" for k, v in by_kind.items()))
+        log("[qa] by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in shapes.accuracy_by_kind(answers, pairs).items()))
     _metrics(out, name, {"val_accuracy": acc, "val_n": len(pairs), "minutes": secs / 60})
     _save(model, done)
     return model

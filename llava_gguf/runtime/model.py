@@ -4,6 +4,7 @@ decoded into the LLM's KV cache at the image's place in the prompt -> sampling."
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import time
 from collections import OrderedDict
@@ -392,11 +393,15 @@ class LLaVA:
         return self._render(messages, add_generation_prompt).replace(_LITERAL_IMAGE, IMAGE_PLACEHOLDER.replace("<", "< "))
 
     def _render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        llm = self.llm
-        bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="replace") if llm.token_bos() >= 0 else ""
-        eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="replace") if llm.token_eos() >= 0 else ""
         templates = [t for t in (self.llm_info.chat_template, self.family_template) if t]
+        bos, eos = self._bos_eos
         return render_with_images(templates, messages, bos=bos, eos=eos, add_generation_prompt=add_generation_prompt)
+
+    @functools.cached_property
+    def _bos_eos(self) -> tuple[str, str]:
+        """The BOS and EOS tokens' text, for the chat template (a turn renders it several times)."""
+        llm = self.llm
+        return tuple(self._piece(t).decode(errors="replace") if t >= 0 else "" for t in (llm.token_bos(), llm.token_eos()))
 
     def eval_prompt(self, prompt: str, images: Sequence[ImageInput] = ()) -> list[int]:
         """One user turn (the images before the text), rendered from the chat template and decoded
