@@ -32,6 +32,10 @@ TEST_SCENES = 500  # the test split: every question of these scenes (bench/accur
 IMAGE_SIZE = 84  # 6x6 patches of 14 pixels; a grid cell is 28x28
 QUESTION_KINDS = ("color", "shape", "count", "position", "exists")
 DESCRIBE = "Describe the image."
+COLOR_QUESTIONS = ("What color is the {s}?", "Which color is the {s}?")
+SHAPE_QUESTIONS = ("What shape is the {c} object?", "Which shape is {c}?")
+COUNT_QUESTIONS = ("How many shapes are there?", "How many objects are in the image?")
+POSITION_QUESTION = "Where is the {c} {s}?"
 
 
 @dataclass(frozen=True)
@@ -84,13 +88,10 @@ class Scene:
         rng = random.Random(self.seed * 7 + 3)
         target = rng.choice(self.shapes)
         out = [
-            Question("color", rng.choice(["What color is the {s}?", "Which color is the {s}?"]).format(s=target.shape),
-                     target.color),
-            Question("shape", rng.choice(["What shape is the {c} object?", "Which shape is {c}?"]).format(
-                c=target.color), target.shape),
-            Question("count", rng.choice(["How many shapes are there?", "How many objects are in the image?"]),
-                     COUNTS[len(self.shapes) - 1]),
-            Question("position", f"Where is the {target.color} {target.shape}?", target.position),
+            _color_question(target, rng),
+            _shape_question(target, rng),
+            Question("count", rng.choice(COUNT_QUESTIONS), COUNTS[len(self.shapes) - 1]),
+            _position_question(target),
         ]
         if rng.random() < 0.5:
             ask = (target.color, target.shape)
@@ -103,6 +104,39 @@ class Scene:
         out.append(Question("exists", f"Is there {_a(ask[0])} {ask[0]} {ask[1]}?",
                             "yes" if any((s.color, s.shape) == ask for s in self.shapes) else "no"))
         return out
+
+
+    def question_pool(self, rng: random.Random) -> list[Question]:
+        """Every colour, shape and position question about each of the scene's shapes, the count question,
+        and two "is there ...?" questions (one present shape, one absent one sharing a colour or a shape
+        with a present one): follow-up turns for training."""
+        out: list[Question] = []
+        for s in self.shapes:
+            out += [_color_question(s, rng), _shape_question(s, rng), _position_question(s)]
+        out.append(Question("count", rng.choice(COUNT_QUESTIONS), COUNTS[len(self.shapes) - 1]))
+        present = {(s.color, s.shape) for s in self.shapes}
+        absent = [(c, sh) for c in COLORS for sh in SHAPES
+                  if (c, sh) not in present and any(c == s.color or sh == s.shape for s in self.shapes)]
+        for (c, sh), answer in ((rng.choice(sorted(present)), "yes"), (rng.choice(absent), "no")):
+            out.append(Question("exists", f"Is there {_a(c)} {c} {sh}?", answer))
+        return out
+
+    def mentioned(self, question: Question) -> set[Shape]:
+        """The scene's shapes whose colour or kind the question names."""
+        words = set(re.findall(r"[a-z]+", question.text.lower()))
+        return {s for s in self.shapes if s.color in words or s.shape in words}
+
+
+def _color_question(s: Shape, rng: random.Random) -> Question:
+    return Question("color", rng.choice(COLOR_QUESTIONS).format(s=s.shape), s.color)
+
+
+def _shape_question(s: Shape, rng: random.Random) -> Question:
+    return Question("shape", rng.choice(SHAPE_QUESTIONS).format(c=s.color), s.shape)
+
+
+def _position_question(s: Shape) -> Question:
+    return Question("position", POSITION_QUESTION.format(c=s.color, s=s.shape), s.position)
 
 
 def variant(sc: Scene, rng: random.Random) -> Scene:

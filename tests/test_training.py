@@ -113,3 +113,69 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(data, tmp_path):
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not torch.allclose(a["lm_head.weight"], fresh().state_dict()["lm_head.weight"])
+
+
+def test_cached_tower_features_give_transformers_forward(data):
+    """The LLaVA stages run the frozen tower once per run (`tower_features`) and the rest per step
+    (`llava_logits`): the logits are LlavaForConditionalGeneration's own for the same batch."""
+    torch.manual_seed(5)
+    model = T.build_llava(data.cfg, data).eval()
+    idx, ids, mask, _ = data.llava_batch("qa", 0, 4, 0.5)
+    with torch.no_grad():
+        ours = T.llava_logits(model, T.tower_features(model, data.pixels)[idx], ids, mask)
+        theirs = model(pixel_values=T.Data.normalize(data.pixels[idx.numpy()]), input_ids=ids,
+                       attention_mask=mask).logits
+    keep = mask.bool()
+    assert torch.allclose(ours[keep], theirs[keep], atol=1e-4, rtol=1e-4)
+
+
+def test_conversations_ask_only_what_the_image_answers(data):
+    """A training conversation (qa_turns > 1) starts with the prompt the evaluation asks, trains only
+    the answers and the EOS after each, and never asks a colour, shape or "is there" follow-up about a
+    shape an earlier turn already named (its answer would be in the text)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    d = T.Data.__new__(T.Data)
+    d.__dict__.update(data.__dict__)
+    d.cfg = replace(data.cfg, qa_turns=6)
+    turns_seen = 0
+    for i, sc in enumerate(d.scenes):
+        rng = np.random.default_rng(i)
+        first = sc.questions()[np.random.default_rng(i).integers(len(shapes.QUESTION_KINDS))]
+        ids, lab = d.conversation(sc, rng)
+        prompt = d.prompt(first.text)
+        assert ids[:len(prompt)] == prompt and all(x == -100 for x in lab[:len(prompt)])
+        text = d.tok.decode([t for t in ids if t != d.image_id], skip_special_tokens=True)
+        segments = text.split(" ASSISTANT:")
+        questions = [segments[0].split("\n", 1)[1]] + [s.split("USER: ", 1)[1] for s in segments[1:-1]]
+        answers = [s.split(" USER:")[0].strip() for s in segments[1:]]
+        named: set = set()
+        for q_text, a in zip(questions, answers):
+            q = _every_question(sc)[q_text]
+            assert shapes.is_correct(a, q.answer), (q_text, a, q.answer)
+            if q.kind in ("color", "shape", "exists"):
+                assert not (sc.mentioned(q) & named), (text, q_text)
+            named |= sc.mentioned(q)
+        turns_seen += len(questions)
+        # trained: each answer's tokens and one EOS after each (in place of the next turn's first token)
+        trained = [x for x in lab if x != -100]
+        assert trained.count(d.eos) == len(questions)
+        assert len(trained) == sum(len(d.encode(a)) for a in answers) + len(questions)
+    assert turns_seen > 2 * len(d.scenes)
+
+
+def _every_question(sc: shapes.Scene) -> dict[str, shapes.Question]:
+    """Every question the generator can ask about a scene, by its text, with the true answer."""
+    Q = shapes.Question
+    out = [Q("count", t, shapes.COUNTS[len(sc.shapes) - 1]) for t in shapes.COUNT_QUESTIONS]
+    for s in sc.shapes:
+        out += [Q("color", t.format(s=s.shape), s.color) for t in shapes.COLOR_QUESTIONS]
+        out += [Q("shape", t.format(c=s.color), s.shape) for t in shapes.SHAPE_QUESTIONS]
+        out.append(Q("position", shapes.POSITION_QUESTION.format(c=s.color, s=s.shape), s.position))
+    for c in shapes.COLORS:
+        for sh in shapes.SHAPES:
+            yes = any((s.color, s.shape) == (c, sh) for s in sc.shapes)
+            out.append(Q("exists", f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} {sh}?", "yes" if yes else "no"))
+    return {q.text: q for q in out}

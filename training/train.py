@@ -67,6 +67,7 @@ class Config:
     qa_steps: int = 2400
     qa_batch: int = 32
     qa_lr: float = 1e-3
+    qa_turns: int = 1  # questions per training conversation (>1: follow-up turns, as LLaVA's instruction data)
     val_questions: int = 250
 
     def scaled(self, k: float) -> Config:
@@ -163,7 +164,40 @@ class Data:
             labs.append([-100] + text)
         return self.pad(seqs, labs)
 
+    def conversation(self, sc: shapes.Scene, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """A training conversation about one image, as the runtime renders a chat: the first question of
+        any kind (what the evaluation asks, alone), then follow-up turns `USER: {question} ASSISTANT:`
+        with more questions about the same image, each answer followed by EOS as its target (the input
+        goes on with the next turn, as the runtime's follow-up prompt does). Follow-ups never ask what
+        an earlier turn gave away (the shape of a colour once "Where is the red star?" was asked), so
+        every answer has to be read from the image. Several answers per image: the 36 image rows, most
+        of each sequence's cost, are paid once for all of them."""
+        first = sc.questions()[rng.integers(len(shapes.QUESTION_KINDS))]
+        ids, lab = self.example(first.text, first.answer.capitalize())
+        if self.cfg.qa_turns == 1:
+            return ids, lab
+        ids, lab = ids[:-1], lab[:-1]  # the EOS: see below
+        told = sc.mentioned(first)  # shapes whose colour or kind the conversation has named
+        pool = sc.question_pool(random.Random(int(rng.integers(1 << 62))))
+        turns = 1
+        for k in rng.permutation(len(pool)):
+            if turns >= self.cfg.qa_turns:
+                break
+            q = pool[k]
+            about = sc.mentioned(q)
+            if q.text == first.text or q.kind == first.kind == "count" or (q.kind in ("color", "shape", "exists") and about & told):
+                continue
+            told |= about
+            turn = self.encode(f"USER: {q.text} ASSISTANT:")
+            a = self.encode(q.answer.capitalize())
+            ids += turn + a
+            lab += [self.eos] + [-100] * (len(turn) - 1) + a
+            turns += 1
+        return ids + [self.eos], lab + [self.eos]
+
     def llava_batch(self, stage: str, step: int, batch: int, caption_share: float):
+        """Scene indices (for their cached image features) and token ids, mask and labels: captions, or
+        conversations of questions (`caption_share` of them captions)."""
         rng = self.rng(stage, step)
         idx = rng.choice(len(self.scenes), batch, replace=False)
         seqs, labs = [], []
@@ -172,12 +206,11 @@ class Data:
             if rng.random() < caption_share:
                 s, lab = self.example(shapes.DESCRIBE, sc.caption())
             else:
-                q = sc.questions()[rng.integers(len(shapes.QUESTION_KINDS))]
-                s, lab = self.example(q.text, q.answer.capitalize())
+                s, lab = self.conversation(sc, rng)
             seqs.append(s)
             labs.append(lab)
         ids, mask, lab = self.pad(seqs, labs)
-        return self.normalize(self.pixels[idx]), ids, mask, lab
+        return torch.from_numpy(idx), ids, mask, lab
 
 
 # -------------------------------------------------------------------------------------------- models
@@ -329,14 +362,41 @@ def llava_params(model, name: str) -> list[dict]:
     return groups
 
 
+def tower_features(model, pixels: np.ndarray, chunk: int = 256) -> torch.Tensor:
+    """What LLaVA feeds its projector for these images: the vision tower's hidden states at
+    `vision_feature_layer`, class token dropped ("default" strategy). The tower is frozen in both LLaVA
+    stages, so they are computed once per run instead of at every step."""
+    layer = model.config.vision_feature_layer
+    assert model.config.vision_feature_select_strategy == "default"
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(pixels), chunk):
+            hs = model.model.vision_tower(pixel_values=Data.normalize(pixels[k:k + chunk]),
+                                          output_hidden_states=True).hidden_states
+            out.append(hs[layer][:, 1:].clone())
+    return torch.cat(out)
+
+
+def llava_logits(model, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """LlavaForConditionalGeneration's forward from precomputed tower features: projector, image rows
+    put in place of the image tokens, language model."""
+    rows = model.model.multi_modal_projector(features)
+    emb = model.model.language_model.embed_tokens(ids)
+    emb = emb.masked_scatter((ids == model.config.image_token_id).unsqueeze(-1), rows.to(emb.dtype))
+    out = model.model.language_model(inputs_embeds=emb, attention_mask=mask)
+    return model.lm_head(out.last_hidden_state)
+
+
 def llava_step(model, data: Data, name: str):
-    """Stage 1: captions only; stage 2: questions, with some captions kept."""
+    """Stage 1: captions only; stage 2: conversations of questions, with some captions kept."""
     batch, share = (data.cfg.proj_batch, 1.0) if name == "projector" else (data.cfg.qa_batch, 0.15)
+    features = tower_features(model, data.pixels)
 
     def step(i):
-        px, ids, mask, lab = data.llava_batch(name, i, batch, share)
-        o = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=lab)
-        return o.loss, token_accuracy(o.logits, lab)
+        idx, ids, mask, lab = data.llava_batch(name, i, batch, share)
+        logits = llava_logits(model, features[idx], ids, mask)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
+        return loss, token_accuracy(logits, lab)
 
     step.metric = "answer-token accuracy"
     return step
