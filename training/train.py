@@ -80,6 +80,23 @@ class Config:
 STAGES = ("clip", "lm", "projector", "qa")
 
 
+def with_fields(cfg: Config, assignments: list[str]) -> Config:
+    """`cfg` with FIELD=VALUE assignments applied (values parsed as the field's type)."""
+    from dataclasses import fields, replace
+
+    types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    changes = {}
+    for a in assignments:
+        name, sep, value = a.partition("=")
+        if not sep or name not in types:
+            raise ValueError(f"{a!r} is not FIELD=VALUE with one of: {', '.join(types)}")
+        try:
+            changes[name] = types[name](value)
+        except ValueError:
+            raise ValueError(f"{name} takes a {types[name].__name__}, not {value!r}") from None
+    return replace(cfg, **changes)
+
+
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
@@ -569,8 +586,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps (quick trials)")
     ap.add_argument("--export", type=Path, help="where to save the final checkpoint (default OUT/shapes-llava)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change a Config field for a trial, e.g. --set text_heads=8 (repeatable)")
     args = ap.parse_args(argv)
     cfg = Config(seed=args.seed).scaled(args.steps_scale)
+    try:
+        cfg = with_fields(cfg, args.set)
+    except ValueError as e:
+        sys.exit(f"--set: {e}")
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)
