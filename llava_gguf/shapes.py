@@ -101,8 +101,7 @@ class Scene:
             options = [(c, sh) for c in COLORS for sh in SHAPES if (c, sh) not in present
                        and (rng.random() < 0.3 or any(c == s.color or sh == s.shape for s in self.shapes))]
             ask = rng.choice(options)
-        out.append(Question("exists", f"Is there {_a(ask[0])} {ask[0]} {ask[1]}?",
-                            "yes" if any((s.color, s.shape) == ask for s in self.shapes) else "no"))
+        out.append(exists_question(self, *ask))
         return out
 
 
@@ -117,8 +116,7 @@ class Scene:
         present = {(s.color, s.shape) for s in self.shapes}
         absent = [(c, sh) for c in COLORS for sh in SHAPES
                   if (c, sh) not in present and any(c == s.color or sh == s.shape for s in self.shapes)]
-        for (c, sh), answer in ((rng.choice(sorted(present)), "yes"), (rng.choice(absent), "no")):
-            out.append(Question("exists", f"Is there {_a(c)} {c} {sh}?", answer))
+        out += [exists_question(self, *rng.choice(sorted(present))), exists_question(self, *rng.choice(absent))]
         return out
 
     def mentioned(self, question: Question) -> set[Shape]:
@@ -133,6 +131,12 @@ def _color_question(s: Shape, rng: random.Random) -> Question:
 
 def _shape_question(s: Shape, rng: random.Random) -> Question:
     return Question("shape", rng.choice(SHAPE_QUESTIONS).format(c=s.color), s.shape)
+
+
+def exists_question(sc: Scene, color: str, shape: str) -> Question:
+    """"Is there a {color} {shape}?" about the scene, with its answer."""
+    there = any((s.color, s.shape) == (color, shape) for s in sc.shapes)
+    return Question("exists", f"Is there {_a(color)} {color} {shape}?", "yes" if there else "no")
 
 
 def _position_question(s: Shape) -> Question:

@@ -174,8 +174,5 @@ def _every_question(sc: shapes.Scene) -> dict[str, shapes.Question]:
         out += [Q("color", t.format(s=s.shape), s.color) for t in shapes.COLOR_QUESTIONS]
         out += [Q("shape", t.format(c=s.color), s.shape) for t in shapes.SHAPE_QUESTIONS]
         out.append(Q("position", shapes.POSITION_QUESTION.format(c=s.color, s=s.shape), s.position))
-    for c in shapes.COLORS:
-        for sh in shapes.SHAPES:
-            yes = any((s.color, s.shape) == (c, sh) for s in sc.shapes)
-            out.append(Q("exists", f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} {sh}?", "yes" if yes else "no"))
+    out += [shapes.exists_question(sc, c, sh) for c in shapes.COLORS for sh in shapes.SHAPES]
     return {q.text: q for q in out}

@@ -382,7 +382,7 @@ def llava_params(model, name: str) -> list[dict]:
 def tower_features(model, pixels: np.ndarray, chunk: int = 256) -> torch.Tensor:
     """What LLaVA feeds its projector for these images: the vision tower's hidden states at
     `vision_feature_layer`, class token dropped ("default" strategy). The tower is frozen in both LLaVA
-    stages, so they are computed once per run instead of at every step."""
+    stages, so each stage computes them once instead of at every step."""
     layer = model.config.vision_feature_layer
     assert model.config.vision_feature_select_strategy == "default"
     out = []
