@@ -60,7 +60,9 @@ def test_llava_stages(data, name):
     params = T.llava_params(model, name)
     vision = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     lm = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
-    assert _falls(_losses(model, params, T.llava_step(model, data, name), 3e-3 if name == "projector" else 1e-3))
+    features = T.tower_features(model, data.pixels)
+    step = T.llava_step(model, data, name, features)
+    assert _falls(_losses(model, params, step, 3e-3 if name == "projector" else 1e-3))
     # the vision tower is frozen in both stages; the language model in stage 1
     assert all(torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in vision.items())
     lm_same = all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm.items())
@@ -127,6 +129,35 @@ def test_cached_tower_features_give_transformers_forward(data):
                        attention_mask=mask).logits
     keep = mask.bool()
     assert torch.allclose(ours[keep], theirs[keep], atol=1e-4, rtol=1e-4)
+
+
+def test_whitening_changes_how_the_projector_learns_not_what_it_computes(data):
+    """The projector trains on whitened features (`Whitening`): absorbed into `linear_1`, the model gives
+    the same logits from whitened features as before from the raw ones; removed again, the weights are
+    the original ones. And the whitened features are what the name says: mean 0, covariance identity
+    (less in directions under the floor)."""
+    torch.manual_seed(6)
+    model = T.build_llava(data.cfg, data).eval()
+    raw = T.tower_features(model, data.pixels)
+    white = T.Whitening(raw)
+    z = white.apply(raw).flatten(0, 1).double()
+    assert z.mean(0).abs().max() < 1e-4
+    cov = torch.cov(z.T)
+    var = torch.diagonal(cov)  # uncorrelated; unit variance but in directions under the floor (less)
+    assert torch.allclose(cov, torch.diag(var), atol=1e-6)
+    assert (var < 1 + 1e-6).all() and (var > 1 - 1e-6).sum() > raw.shape[-1] // 2
+    before = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    idx, ids, mask, _ = data.llava_batch("qa", 0, 4, 0.5)
+    with torch.no_grad():
+        want = T.llava_logits(model, raw[idx], ids, mask)
+        white.absorb(model)
+        assert not torch.allclose(model.model.multi_modal_projector.linear_1.weight, before["linear_1.weight"])
+        got = T.llava_logits(model, white.apply(raw)[idx], ids, mask)
+        white.remove(model)
+    keep = mask.bool()
+    assert torch.allclose(got[keep], want[keep], atol=1e-4, rtol=1e-4)
+    after = model.model.multi_modal_projector.state_dict()
+    assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
 
 
 def test_conversations_ask_only_what_the_image_answers(data):

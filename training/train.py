@@ -68,6 +68,7 @@ class Config:
     qa_batch: int = 32
     qa_lr: float = 1e-3
     qa_turns: int = 1  # questions per training conversation (>1: follow-up turns, as LLaVA's instruction data)
+    whiten: bool = True  # LLaVA stages: the projector trained on PCA-whitened tower features (see Whitening)
     val_questions: int = 250
 
     def scaled(self, k: float) -> Config:
@@ -404,10 +405,51 @@ def llava_logits(model, features: torch.Tensor, ids: torch.Tensor, mask: torch.T
     return model.lm_head(out.last_hidden_state)
 
 
-def llava_step(model, data: Data, name: str):
-    """Stage 1: captions only; stage 2: conversations of questions, with some captions kept."""
+class Whitening:
+    """PCA whitening of the tower features, folded into the projector's first layer while it trains.
+
+    The tower's features are far from isotropic (one direction holds ~57% of the variance, the smallest
+    ~0.002% each), and Adam moves every weight by about the same amount whatever the scale of its input,
+    so a projector reading the raw features learns along the strong directions (colour, position) and
+    barely along the weak ones, where the shape of an object is. With stage 2's questions of all kinds
+    mixed, the shipped run never learnt to read shapes (27% on its test split, chance 20%). Training the
+    projector in whitened coordinates instead (`linear_1` takes z with x - mean = A z, unit variance in
+    every principal direction) learnt them (one-shape scenes, 400 steps: 93% against 23%). The function
+    is the same at every step: the whitening is a reparametrisation of `linear_1`, absorbed before and
+    removed after training, so the saved checkpoint is a plain LLaVA reading the tower's features."""
+
+    def __init__(self, features: torch.Tensor, floor: float = 3e-3) -> None:
+        flat = features.flatten(0, -2).double()
+        self.mean = flat.mean(0)
+        ev, u = torch.linalg.eigh(torch.cov(flat.T))
+        ev = ev.clamp_min(floor * float(ev.mean()))  # near-empty directions: amplified at most ~1/sqrt(floor)
+        self.basis = u * ev.sqrt()  # A
+        self.inverse = (u / ev.sqrt()).T  # A^-1
+
+    def apply(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features.double() - self.mean) @ self.inverse.T).float()
+
+    def absorb(self, model) -> None:
+        """`linear_1` from reading x to reading z: W x + b = (W A) z + (b + W mean)."""
+        lin = model.model.multi_modal_projector.linear_1
+        with torch.no_grad():
+            w = lin.weight.double()
+            lin.bias.copy_((lin.bias.double() + w @ self.mean).float())
+            lin.weight.copy_((w @ self.basis).float())
+
+    def remove(self, model) -> None:
+        """Back to reading x: W' z + b' = (W' A^-1) x + (b' - W' A^-1 mean)."""
+        lin = model.model.multi_modal_projector.linear_1
+        with torch.no_grad():
+            w = lin.weight.double() @ self.inverse
+            lin.weight.copy_(w.float())
+            lin.bias.copy_((lin.bias.double() - w @ self.mean).float())
+
+
+def llava_step(model, data: Data, name: str, features: torch.Tensor):
+    """Stage 1: captions only; stage 2: conversations of questions, with some captions kept.
+    `features`: every training scene's (`tower_features`, whitened if the projector reads them so)."""
     batch, share = (data.cfg.proj_batch, 1.0) if name == "projector" else (data.cfg.qa_batch, 0.15)
-    features = tower_features(model, data.pixels)
 
     def step(i):
         idx, ids, mask, lab = data.llava_batch(name, i, batch, share)
@@ -494,8 +536,14 @@ def stage_llava(cfg: Config, out: Path, data: Data, model, name: str):
         return LlavaForConditionalGeneration.from_pretrained(done)
     params = llava_params(model, name)
     steps, lr = (cfg.proj_steps, cfg.proj_lr) if name == "projector" else (cfg.qa_steps, cfg.qa_lr)
-    step = llava_step(model, data, name)
-    secs = run_stage(name, out, model, params, steps, lr, step)
+    features = tower_features(model, data.pixels)
+    white = Whitening(features) if cfg.whiten else None
+    if white:  # before run_stage, which may load a saved state (of the whitened projector) over it
+        white.absorb(model)
+        features = white.apply(features)
+    secs = run_stage(name, out, model, params, steps, lr, llava_step(model, data, name, features))
+    if white:
+        white.remove(model)
     model.eval()
     if name == "projector":
         pairs = [(shapes.scene("val", i), shapes.Question("caption", shapes.DESCRIBE, shapes.scene("val", i).caption()))
@@ -506,9 +554,11 @@ def stage_llava(cfg: Config, out: Path, data: Data, model, name: str):
     acc = shapes.accuracy(answers, pairs)
     what = "exact captions" if name == "projector" else "answers"
     log(f"[{name}] validation: {what} {acc:.1%} of {len(pairs)}")
+    values = {"val_accuracy": acc, "val_n": len(pairs), "minutes": secs / 60}
     if name == "qa":
-        log("[qa] by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in shapes.accuracy_by_kind(answers, pairs).items()))
-    _metrics(out, name, {"val_accuracy": acc, "val_n": len(pairs), "minutes": secs / 60})
+        values["by_kind"] = shapes.accuracy_by_kind(answers, pairs)
+        log("[qa] by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in values["by_kind"].items()))
+    _metrics(out, name, values)
     _save(model, done)
     return model
 
@@ -543,6 +593,7 @@ def model_card(cfg: Config, cfgj: dict, metrics: dict, minutes: float) -> str:
         v = metrics.get(stage, {}).get(key)
         return f"{v:.1%}" if isinstance(v, float) else "n/a"
 
+    by_kind = ", ".join(f"{k} {v:.1%}" for k, v in metrics.get("qa", {}).get("by_kind", {}).items()) or "n/a"
     return f"""# shapes-llava: a small LLaVA-1.5 trained on synthetic shapes
 
 A LLaVA-1.5-architecture model (CLIP ViT vision tower, 2-layer GELU projector, LLaMA language model) trained
@@ -573,6 +624,13 @@ is there; and "Describe the image." for a caption.
 | b. LM pretraining | language model, on the task's text | {cfg.lm_steps} x {cfg.lm_batch} | next-token accuracy: {pct('lm', 'token_accuracy')} |
 | c. LLaVA stage 1 | projector only, captioning | {cfg.proj_steps} x {cfg.proj_batch} | exact captions: {pct('projector', 'val_accuracy')} |
 | d. LLaVA stage 2 | projector + language model, questions | {cfg.qa_steps} x {cfg.qa_batch} | answers: {pct('qa', 'val_accuracy')} |
+
+Stage 2's validation answers by kind: {by_kind}.
+
+In both LLaVA stages the projector is trained in PCA-whitened coordinates of the tower's features
+(`training.train.Whitening`: a reparametrisation of its first layer, removed before saving, so the
+checkpoint is a plain LLaVA). Without it the projector learnt colour, count and position but not shape:
+an earlier run without whitening reached 61.2% on validation, shape questions 18% (chance 20%).
 
 Weights are stored in float16. Validation and test scenes come from other seeds than the training ones.
 Accuracy on the test split through transformers and through llava-gguf's GGUF files: docs/benchmarks.md
