@@ -69,6 +69,33 @@ def test_llava_stages(data, name):
     assert lm_same == (name == "projector")
 
 
+def test_language_model_text_asks_about_a_caption_in_the_image_rows_place(data):
+    """Stage b's questions come after their scene's caption, placed where the runtime puts the image
+    rows (`USER: {caption}\n{question} ASSISTANT: {answer}`): the question part is token for token the
+    runtime's, the caption is context (not a target), and every answer is the scene's truth."""
+    ids, mask, lab = data.lm_batch(0)
+    grounded = 0
+    for i in range(len(ids)):
+        n = int(mask[i].sum())
+        seq, tgt = ids[i, :n].tolist(), lab[i, :n].tolist()
+        text = data.tok.decode(seq[1:-1])
+        if "ASSISTANT:" not in text:  # a caption alone: all of it is the target
+            assert tgt[1:] == seq[1:]
+            continue
+        grounded += 1
+        caption, rest = text.removeprefix("USER: ").split("\n", 1)
+        question, answer = rest.split(" ASSISTANT: ")
+        sc = next(s for s in data.scenes if s.caption() == caption.strip())
+        q = next(q for q in sc.questions() if q.text == question)
+        assert answer == q.answer.capitalize()
+        tail = data.encode(f"\n{question} ASSISTANT:") + data.encode(answer) + [data.eos]
+        assert seq[-len(tail):] == tail and tgt[-len(tail):] == tail  # the runtime's tokens, all targets
+        assert set(tgt[:-len(tail)]) == {-100}  # BOS, "USER: " and the caption: context
+    assert grounded >= len(ids) // 2
+    _, _, val = data.lm_batch(10_000_000, answers_only=True)
+    assert all(len([t for t in row.tolist() if t != -100]) <= 4 for row in val)  # answer + EOS only
+
+
 def test_prompt_is_what_the_runtime_renders(data):
     """Training prompts are the Vicuna prompt the runtime renders from the shipped chat template, token
     for token (the image token repeated once per image row, as LLaVA's processor expands it)."""

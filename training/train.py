@@ -58,13 +58,13 @@ class Config:
     clip_steps: int = 1600
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    lm_steps: int = 400
+    lm_steps: int = 800
     lm_batch: int = 64
     lm_lr: float = 1e-3
     proj_steps: int = 400
     proj_batch: int = 32
     proj_lr: float = 1e-3
-    qa_steps: int = 2400
+    qa_steps: int = 2000
     qa_batch: int = 32
     qa_lr: float = 1e-3
     qa_turns: int = 1  # questions per training conversation (>1: follow-up turns, as LLaVA's instruction data)
@@ -168,18 +168,31 @@ class Data:
         pixels = np.concatenate([self.pixels[idx], np.stack([np.asarray(t.image(), dtype=np.uint8) for t in twins])])
         return self.normalize(pixels), ids, mask
 
-    def lm_batch(self, step: int):
+    def lm_batch(self, step: int, answers_only: bool = False):
+        """The language model's pretraining text: captions (30%), and the runtime's prompt with the
+        scene's caption where the image rows go, `USER: {caption}\n{question} ASSISTANT: {answer}` —
+        so the model learns to look an answer up in what precedes the question (which object is red,
+        where the star is), the skill stage 2 needs with image rows in the caption's place. Without
+        it, the image-less questions only taught it to guess, and stage 2 had to learn the lookup from
+        scratch: the earlier runs never did for shape and colour with two or three shapes in a scene.
+        The caption in the context is not a target (the captions alone are): the gradient goes to the
+        lookup. `answers_only`: labels on the answers alone (validation)."""
         rng = self.rng("lm", step)
         seqs, labs = [], []
         for i in rng.choice(len(self.scenes), self.cfg.lm_batch, replace=False):
-            sc = self.scenes[i]
-            if rng.random() < 0.3:
+            sc = self.scenes[i] if step < 10_000_000 else shapes.scene("val", int(i))
+            if rng.random() < 0.3 and not answers_only:
                 text = self.encode(sc.caption()) + [self.eos]
+                lab = text
             else:
                 q = sc.questions()[rng.integers(len(shapes.QUESTION_KINDS))]
-                text = self.encode(f"USER: {q.text} ASSISTANT:") + self.encode(q.answer.capitalize()) + [self.eos]
+                head = self.encode("USER: ") + self.encode(sc.caption()) + self.encode(f"\n{q.text} ASSISTANT:")
+                a = self.encode(q.answer.capitalize()) + [self.eos]
+                text = head + a
+                ctx = len(self.encode("USER: ")) + len(self.encode(sc.caption()))  # the context: not a target
+                lab = [-100] * (len(head) if answers_only else ctx) + (head[ctx:] if not answers_only else []) + a
             seqs.append([self.bos] + text)
-            labs.append([-100] + text)
+            labs.append([-100] + lab)
         return self.pad(seqs, labs)
 
     def conversation(self, sc: shapes.Scene, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -214,17 +227,16 @@ class Data:
         return ids + [self.eos], lab + [self.eos]
 
     def llava_batch(self, stage: str, step: int, batch: int, caption_share: float):
-        """Scene indices (for their cached image features) and token ids, mask and labels: captions, or
-        conversations of questions (`caption_share` of them captions)."""
+        """Scene indices (for their cached image features) and token ids, mask and labels: a batch of
+        captions (`caption_share` of the steps) or of question conversations. Not mixed in one batch:
+        a batch is padded to its longest sequence, and a caption is ~3x a question and its answer."""
         rng = self.rng(stage, step)
         idx = rng.choice(len(self.scenes), batch, replace=False)
+        captions = rng.random() < caption_share
         seqs, labs = [], []
         for i in idx:
             sc = self.scenes[i]
-            if rng.random() < caption_share:
-                s, lab = self.example(shapes.DESCRIBE, sc.caption())
-            else:
-                s, lab = self.conversation(sc, rng)
+            s, lab = self.example(shapes.DESCRIBE, sc.caption()) if captions else self.conversation(sc, rng)
             seqs.append(s)
             labs.append(lab)
         ids, mask, lab = self.pad(seqs, labs)
@@ -496,9 +508,11 @@ def stage_lm(cfg: Config, out: Path, data: Data):
         model.eval()
         accs = [token_accuracy(model(input_ids=b[0], attention_mask=b[1]).logits, b[2])
                 for b in (data.lm_batch(10_000_000 + k) for k in range(4))]
-    acc = float(torch.stack(accs).mean())
-    log(f"[lm] batches not trained on: next-token accuracy {acc:.3f} (answers without the image: guesses)")
-    _metrics(out, "lm", {"token_accuracy": acc, "minutes": secs / 60})
+        looked_up = [token_accuracy(model(input_ids=b[0], attention_mask=b[1]).logits, b[2])
+                     for b in (data.lm_batch(10_000_000 + k, answers_only=True) for k in range(4))]
+    acc, lookup = float(torch.stack(accs).mean()), float(torch.stack(looked_up).mean())
+    log(f"[lm] validation scenes: next-token accuracy {acc:.3f}; answers looked up in the caption {lookup:.3f}")
+    _metrics(out, "lm", {"token_accuracy": acc, "answer_accuracy": lookup, "minutes": secs / 60})
     _save(model, done)
     return model
 
@@ -621,16 +635,27 @@ is there; and "Describe the image." for a caption.
 | stage | what is trained | steps x batch | validation |
 |---|---|---|---|
 | a. CLIP pretraining | vision tower + a small text encoder, contrastive | {cfg.clip_steps} x {cfg.clip_batch} | caption retrieval among 128: {pct('clip', 'val_retrieval_at_128')} |
-| b. LM pretraining | language model, on the task's text | {cfg.lm_steps} x {cfg.lm_batch} | next-token accuracy: {pct('lm', 'token_accuracy')} |
+| b. LM pretraining | language model, on the task's text: captions, and questions after their scene's caption | {cfg.lm_steps} x {cfg.lm_batch} | next-token accuracy: {pct('lm', 'token_accuracy')}; answers looked up in the caption: {pct('lm', 'answer_accuracy')} |
 | c. LLaVA stage 1 | projector only, captioning | {cfg.proj_steps} x {cfg.proj_batch} | exact captions: {pct('projector', 'val_accuracy')} |
 | d. LLaVA stage 2 | projector + language model, questions | {cfg.qa_steps} x {cfg.qa_batch} | answers: {pct('qa', 'val_accuracy')} |
 
 Stage 2's validation answers by kind: {by_kind}.
 
-In both LLaVA stages the projector is trained in PCA-whitened coordinates of the tower's features
-(`training.train.Whitening`: a reparametrisation of its first layer, removed before saving, so the
-checkpoint is a plain LLaVA). Without it the projector learnt colour, count and position but not shape:
-an earlier run without whitening reached 61.2% on validation, shape questions 18% (chance 20%).
+Two choices made the difference against an earlier run (61.2% on validation, shape questions 18%,
+chance 20%), which learnt colour, count and position but not to read shapes:
+- Stage b puts each question after its scene's caption, where the image rows go in the real prompt
+  (`USER: {{caption}}\n{{question}} ASSISTANT: {{answer}}`), so the language model learns to look an answer
+  up in what precedes the question before it ever sees an image.
+- In both LLaVA stages the projector is trained in PCA-whitened coordinates of the tower's features
+  (`training.train.Whitening`: a reparametrisation of its first layer, removed before saving, so the
+  checkpoint is a plain LLaVA). With Adam, a projector reading the raw features learnt along their few
+  strong directions (colour, position) and barely along the weak ones that carry shape.
+
+**Status: interim** (the target is 95%). What it still gets wrong is finding the object a question names
+among two or three ("What color is the star?", "Is there a red star?"): the lookup. Its language model
+does it only in part even in text (answers looked up in the caption, stage b, above), and an object probe
+on the tower's features reads every object's shape and colour from its own cell (98% / 100%, with one,
+two or three shapes), so the information is there for a model that learns the lookup.
 
 Weights are stored in float16. Validation and test scenes come from other seeds than the training ones.
 Accuracy on the test split through transformers and through llava-gguf's GGUF files: docs/benchmarks.md
