@@ -99,16 +99,18 @@ def test_runtime_prompt_is_the_training_prompt(shipped, gguf_files):
 
 
 def test_shipped_model_answers_better_than_chance(hf_reference, sample):
-    """What the shipped (interim) model has learnt: counting and positions; colour in part."""
+    """What the shipped (interim) model has learnt: counting, shapes and positions; colour and "is there"
+    in part (finding the named object among two or three is what it still gets wrong)."""
     acc = shapes.accuracy(hf_reference, sample)
-    assert acc >= 0.5, f"transformers fp32 accuracy {acc:.3f}"
+    assert acc >= 0.6, f"transformers fp32 accuracy {acc:.3f}"
     by_kind = shapes.accuracy_by_kind(hf_reference, sample)
-    for kind, bound in (("count", 0.9), ("position", 0.35), ("color", 0.35)):  # chance: 1/3, 1/9, 1/6
-        assert by_kind[kind] >= bound, kind
+    # chance: count 1/3, shape 1/5, position 1/9, colour 1/6
+    for kind, bound in (("count", 0.9), ("shape", 0.5), ("position", 0.45), ("color", 0.35)):
+        assert by_kind[kind] >= bound, (kind, by_kind)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6: the shipped model (61% on validation) does not yet tell shapes "
-                   "apart; the target is >= 95% (strict: passes once a retrained model is shipped)")
+@pytest.mark.xfail(strict=True, reason="issue 6: the shipped model (72% on validation) does not always find the "
+                   "object a question names; the target is >= 95% (strict: passes once such a model is shipped)")
 def test_shipped_model_answers_correctly_in_transformers(hf_reference, sample):
     acc = shapes.accuracy(hf_reference, sample)
     assert acc >= 0.95, f"transformers fp32 accuracy {acc:.3f}"

@@ -227,16 +227,19 @@ class Data:
         return ids + [self.eos], lab + [self.eos]
 
     def llava_batch(self, stage: str, step: int, batch: int, caption_share: float):
-        """Scene indices (for their cached image features) and token ids, mask and labels: a batch of
-        captions (`caption_share` of the steps) or of question conversations. Not mixed in one batch:
-        a batch is padded to its longest sequence, and a caption is ~3x a question and its answer."""
+        """Scene indices (for their cached image features) and token ids, mask and labels: captions, or
+        conversations of questions (`caption_share` of them captions). Mixed in one batch, though a batch
+        is padded to its longest sequence: caption-only batches (18% faster) gave 64.0% on validation
+        instead of 72.4%."""
         rng = self.rng(stage, step)
         idx = rng.choice(len(self.scenes), batch, replace=False)
-        captions = rng.random() < caption_share
         seqs, labs = [], []
         for i in idx:
             sc = self.scenes[i]
-            s, lab = self.example(shapes.DESCRIBE, sc.caption()) if captions else self.conversation(sc, rng)
+            if rng.random() < caption_share:
+                s, lab = self.example(shapes.DESCRIBE, sc.caption())
+            else:
+                s, lab = self.conversation(sc, rng)
             seqs.append(s)
             labs.append(lab)
         ids, mask, lab = self.pad(seqs, labs)
@@ -644,7 +647,7 @@ Stage 2's validation answers by kind: {by_kind}.
 Two choices made the difference against an earlier run (61.2% on validation, shape questions 18%,
 chance 20%), which learnt colour, count and position but not to read shapes:
 - Stage b puts each question after its scene's caption, where the image rows go in the real prompt
-  (`USER: {{caption}}\n{{question}} ASSISTANT: {{answer}}`), so the language model learns to look an answer
+  (`USER: {{caption}}\\n{{question}} ASSISTANT: {{answer}}`), so the language model learns to look an answer
   up in what precedes the question before it ever sees an image.
 - In both LLaVA stages the projector is trained in PCA-whitened coordinates of the tower's features
   (`training.train.Whitening`: a reparametrisation of its first layer, removed before saving, so the
