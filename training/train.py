@@ -190,7 +190,7 @@ class Data:
                 a = self.encode(q.answer.capitalize()) + [self.eos]
                 text = head + a
                 ctx = len(self.encode("USER: ")) + len(self.encode(sc.caption()))  # the context: not a target
-                lab = [-100] * (len(head) if answers_only else ctx) + (head[ctx:] if not answers_only else []) + a
+                lab = [-100] * len(head) + a if answers_only else [-100] * ctx + head[ctx:] + a
             seqs.append([self.bos] + text)
             labs.append([-100] + lab)
         return self.pad(seqs, labs)
@@ -427,7 +427,7 @@ class Whitening:
     ~0.002% each), and Adam moves every weight by about the same amount whatever the scale of its input,
     so a projector reading the raw features learns along the strong directions (colour, position) and
     barely along the weak ones, where the shape of an object is. With stage 2's questions of all kinds
-    mixed, the shipped run never learnt to read shapes (27% on its test split, chance 20%). Training the
+    mixed, an earlier run never learnt to read shapes (27% on its test split, chance 20%). Training the
     projector in whitened coordinates instead (`linear_1` takes z with x - mean = A z, unit variance in
     every principal direction) learnt them (one-shape scenes, 400 steps: 93% against 23%). The function
     is the same at every step: the whitening is a reparametrisation of `linear_1`, absorbed before and
