@@ -158,7 +158,7 @@ def test_cached_tower_features_give_transformers_forward(data):
     assert torch.allclose(ours[keep], theirs[keep], atol=1e-4, rtol=1e-4)
 
 
-def test_whitening_changes_how_the_projector_learns_not_what_it_computes(data):
+def test_whitening_changes_how_the_projector_learns_not_what_it_computes(data, tmp_path):
     """The projector trains on whitened features (`Whitening`): absorbed into `linear_1`, the model gives
     the same logits from whitened features as before from the raw ones; removed again, the weights are
     the original ones. And the whitened features are what the name says: mean 0, covariance identity
@@ -185,6 +185,10 @@ def test_whitening_changes_how_the_projector_learns_not_what_it_computes(data):
     assert torch.allclose(got[keep], want[keep], atol=1e-4, rtol=1e-4)
     after = model.model.multi_modal_projector.state_dict()
     assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
+    # kept with a stage's saved states, so a resumed stage removes exactly the whitening it trained in
+    white.save(tmp_path / "whitening.pt")
+    again = T.Whitening.load(tmp_path / "whitening.pt")
+    assert all(torch.equal(getattr(white, k), getattr(again, k)) for k in ("mean", "basis", "inverse"))
 
 
 def test_conversations_ask_only_what_the_image_answers(data):
