@@ -92,7 +92,7 @@ def test_language_model_text_asks_about_a_caption_in_the_image_rows_place(data):
         assert seq[-len(tail):] == tail and tgt[-len(tail):] == tail  # the runtime's tokens, all targets
         assert set(tgt[:-len(tail)]) == {-100}  # BOS, "USER: " and the caption: context
     assert grounded >= len(ids) // 2
-    _, _, val = data.lm_batch(10_000_000, answers_only=True)
+    _, _, val = data.lm_batch(T.LM_VALIDATION, answers_only=True)
     assert all(len([t for t in row.tolist() if t != -100]) <= 4 for row in val)  # answer + EOS only
 
 

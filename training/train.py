@@ -98,6 +98,9 @@ def with_fields(cfg: Config, assignments: list[str]) -> Config:
     return replace(cfg, **changes)
 
 
+LM_VALIDATION = 10_000_000  # lm_batch steps from here on: validation scenes (never trained on)
+
+
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
@@ -180,17 +183,17 @@ class Data:
         rng = self.rng("lm", step)
         seqs, labs = [], []
         for i in rng.choice(len(self.scenes), self.cfg.lm_batch, replace=False):
-            sc = self.scenes[i] if step < 10_000_000 else shapes.scene("val", int(i))
+            sc = self.scenes[i] if step < LM_VALIDATION else shapes.scene("val", int(i))
             if rng.random() < 0.3 and not answers_only:
                 text = self.encode(sc.caption()) + [self.eos]
                 lab = text
             else:
                 q = sc.questions()[rng.integers(len(shapes.QUESTION_KINDS))]
-                head = self.encode("USER: ") + self.encode(sc.caption()) + self.encode(f"\n{q.text} ASSISTANT:")
+                context = self.encode("USER: ") + self.encode(sc.caption())  # not a target
+                ask = self.encode(f"\n{q.text} ASSISTANT:")
                 a = self.encode(q.answer.capitalize()) + [self.eos]
-                text = head + a
-                ctx = len(self.encode("USER: ")) + len(self.encode(sc.caption()))  # the context: not a target
-                lab = [-100] * len(head) + a if answers_only else [-100] * ctx + head[ctx:] + a
+                text = context + ask + a
+                lab = [-100] * len(context) + ([-100] * len(ask) if answers_only else ask) + a
             seqs.append([self.bos] + text)
             labs.append([-100] + lab)
         return self.pad(seqs, labs)
@@ -522,9 +525,9 @@ def stage_lm(cfg: Config, out: Path, data: Data):
     with torch.no_grad():
         model.eval()
         accs = [token_accuracy(model(input_ids=b[0], attention_mask=b[1]).logits, b[2])
-                for b in (data.lm_batch(10_000_000 + k) for k in range(4))]
+                for b in (data.lm_batch(LM_VALIDATION + k) for k in range(4))]
         looked_up = [token_accuracy(model(input_ids=b[0], attention_mask=b[1]).logits, b[2])
-                     for b in (data.lm_batch(10_000_000 + k, answers_only=True) for k in range(4))]
+                     for b in (data.lm_batch(LM_VALIDATION + k, answers_only=True) for k in range(4))]
     acc, lookup = float(torch.stack(accs).mean()), float(torch.stack(looked_up).mean())
     log(f"[lm] validation scenes: next-token accuracy {acc:.3f}; answers looked up in the caption {lookup:.3f}")
     _metrics(out, "lm", {"token_accuracy": acc, "answer_accuracy": lookup, "minutes": secs / 60})
@@ -567,12 +570,13 @@ def stage_llava(cfg: Config, out: Path, data: Data, model, name: str):
     steps, lr = (cfg.proj_steps, cfg.proj_lr) if name == "projector" else (cfg.qa_steps, cfg.qa_lr)
     features = tower_features(model, data.pixels)
     white = None
-    if cfg.whiten:  # stored with the stage's saved states: a resumed stage removes the whitening it trained in
+    if cfg.whiten:
+        # kept with the stage's saved states, so a resumed stage removes the whitening it trained in; absorbed
+        # before run_stage, which may load a saved state (of the whitened projector) over it
         (out / name).mkdir(parents=True, exist_ok=True)
         kept = out / name / "whitening.pt"
         white = Whitening.load(kept) if kept.is_file() else Whitening(features)
         white.save(kept)
-    if white:  # before run_stage, which may load a saved state (of the whitened projector) over it
         white.absorb(model)
         features = white.apply(features)
     secs = run_stage(name, out, model, params, steps, lr, llava_step(model, data, name, features))
