@@ -3,6 +3,10 @@ what the stage trains falls, and what it must leave alone stays as it was. (The 
 and is not part of the suite: `python -m training.train --out DIR`.)"""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,6 +41,21 @@ def _losses(module, params, step, lr: float) -> list[float]:
 def _falls(losses: list[float]) -> bool:
     """The last three steps' mean at least 10% under the first step's loss, and under the first three's."""
     return sum(losses[-3:]) / 3 < min(0.9 * losses[0], sum(losses[:3]) / 3)
+
+
+def test_set_parses_each_field_as_its_type():
+    """`python -m training.train --set FIELD=VALUE`: ints, floats and booleans by name ("false" is False,
+    not the truthy string), and a one-line error for an unknown field or a value of the wrong type."""
+    cfg = T.with_fields(T.Config(), ["qa_steps=10", "qa_lr=3e-4", "whiten=false"])
+    assert (cfg.qa_steps, cfg.qa_lr, cfg.whiten) == (10, 3e-4, False)
+    assert T.with_fields(cfg, ["whiten=True"]).whiten is True
+    for bad, says in (("whiten=maybe", "whiten takes a bool"), ("qa_steps=1.5", "qa_steps takes a int"),
+                      ("nope=1", "is not FIELD=VALUE"), ("qa_steps", "is not FIELD=VALUE")):
+        with pytest.raises(ValueError, match=says):
+            T.with_fields(T.Config(), [bad])
+    p = subprocess.run([sys.executable, "-m", "training.train", "--out", "/nonexistent/x", "--set", "whiten=maybe"],
+                       capture_output=True, text=True, cwd=Path(T.__file__).parents[1])
+    assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and "whiten takes a bool" in p.stderr
 
 
 def test_clip_stage(data):

@@ -92,10 +92,20 @@ def with_fields(cfg: Config, assignments: list[str]) -> Config:
         if not sep or name not in types:
             raise ValueError(f"{a!r} is not FIELD=VALUE with one of: {', '.join(types)}")
         try:
-            changes[name] = types[name](value)
+            changes[name] = _parse_bool(value) if types[name] is bool else types[name](value)
         except ValueError:
             raise ValueError(f"{name} takes a {types[name].__name__}, not {value!r}") from None
     return replace(cfg, **changes)
+
+
+def _parse_bool(value: str) -> bool:
+    """`bool("false")` is True: booleans by name."""
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 LM_VALIDATION = 10_000_000  # lm_batch steps from here on: validation scenes (never trained on)
