@@ -185,6 +185,51 @@ def quality(
 
 @app.command()
 @_command
+def inspect(
+    path: Path = typer.Argument(..., help="a checkpoint directory or a .gguf file (LLM or mmproj)"),
+    json_out: bool = typer.Option(False, "--json", help="one JSON line: the GGUF metadata as stored, plus derived fields"),
+) -> None:
+    """What a checkpoint or GGUF holds (family, layout, types, parameters, hparams), what convert would write,
+    and for an mmproj the known defects that make its image features wrong or its load fail. Exits 1 when a
+    defect is found."""
+    from .inspection import inspect_path, render
+
+    report = inspect_path(path)
+    if json_out:
+        _print_json(report)
+    else:
+        for line in render(report):
+            typer.echo(line)
+    if report["defects"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_command
+def repair(
+    mmproj: Path = typer.Argument(..., help="an mmproj .gguf made elsewhere (e.g. by llama.cpp's legacy LLaVA scripts)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of rewriting MMPROJ in place"),
+    feature_layer: Optional[int] = typer.Option(None, "--feature-layer", min=1,
+                                                help="for a file without one: the layer to write (default: the stored "
+                                                     "block count, what the legacy route meant)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --output"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line"),
+) -> None:
+    """Fix an mmproj's repairable defects (see `inspect`), atomically: the file is rewritten through a
+    temporary file, or written to --output."""
+    from .repair import repair_mmproj
+
+    r = repair_mmproj(mmproj, out, force=force, feature_layer=feature_layer)
+    if json_out:
+        _print_json({"source": str(r.source), "output": str(r.output) if r.output else None, "fixed": list(r.fixed)})
+    elif r.output is None:
+        typer.echo(f"{mmproj}: nothing to repair")
+    else:
+        typer.echo(f"fixed {', '.join(r.fixed)} -> {r.output}")
+
+
+@app.command()
+@_command
 def chat(
     path: Path = typer.Argument(..., help="directory that convert/quantize wrote, or an LLM .gguf"),
     image: Optional[list[str]] = typer.Option(None, "--image", help="image file (repeatable; - reads stdin)"),

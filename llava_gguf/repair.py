@@ -1,0 +1,115 @@
+"""`repair`: fix what can be fixed in an mmproj made elsewhere, rewriting it atomically.
+
+- feature-layer-missing (llama.cpp's legacy LLaVA route): the legacy converter stored the layers up to
+  LLaVA's feature layer and no `clip.vision.feature_layer`, so libmtmd drops one more (upstream #25817).
+  Writing the feature layer as the stored block count makes the stored layers run in full.
+- feature-layer-type: the key rewritten as the INT32 array clip.cpp reads.
+- post-layernorm: `v.post_ln.*` removed (the llava graph would apply it; LLaVA does not).
+
+Tensors are copied byte for byte (any type, quantized included); the metadata is copied key by key."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LlavaGgufError
+from .inspection import FEATURE_LAYER_KEY, inspect_gguf
+from .outputs import atomic_outputs
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    source: Path
+    output: Path | None  # None: nothing to repair, nothing written
+    fixed: tuple[str, ...]
+
+
+def repair_mmproj(src: Path | str, out: Path | str | None = None, *, force: bool = False,
+                  feature_layer: int | None = None) -> RepairResult:
+    """`feature_layer`: the layer to write when the file has none, instead of the stored block count
+    (the legacy route's intent); for a file that stores every layer of its tower, e.g. 23 of 24 for
+    LLaVA's default -2."""
+    from .runtime.model import open_gguf
+
+    src = Path(src)
+    report = inspect_gguf(src)
+    if report["role"] != "mmproj":
+        raise LlavaGgufError(f"{src} is a language model ({report['architecture']}), not an mmproj",
+                             "repair fixes mmproj (vision tower + projector) files")
+    defects = report["defects"]
+    broken = [d for d in defects if not d["repairable"]]
+    if broken:
+        raise LlavaGgufError(f"{src} cannot be repaired: {broken[0]['message']}",
+                             "convert the checkpoint again with `llava-gguf convert`")
+    if not defects:
+        return RepairResult(src, None, ())
+    if feature_layer is not None and not any(d["code"] == "feature-layer-missing" for d in defects):
+        raise LlavaGgufError(f"{src} already has {FEATURE_LAYER_KEY}", "--feature-layer applies to files without one")
+    target = Path(out) if out is not None else src
+    if target.is_dir():
+        target = target / src.name
+    in_place = target.resolve() == src.resolve()
+
+    reader = open_gguf(src, "mmproj")
+    set_kv: dict[str, list[int]] = {}
+    drop: set[str] = set()
+    for d in defects:
+        if d["code"] == "feature-layer-missing":
+            layer = int(report["block_count"]) if feature_layer is None else feature_layer
+            if not 1 <= layer <= report["stored_blocks"]:
+                raise LlavaGgufError(f"--feature-layer {layer} is out of range: the file stores "
+                                     f"{report['stored_blocks']} vision layers")
+            set_kv[FEATURE_LAYER_KEY] = [layer]
+        elif d["code"] == "feature-layer-type":
+            value = reader.fields[FEATURE_LAYER_KEY].contents()
+            set_kv[FEATURE_LAYER_KEY] = [int(v) for v in (value if isinstance(value, list) else [value])]
+        elif d["code"] == "post-layernorm":
+            drop |= {"v.post_ln.weight", "v.post_ln.bias"}
+        else:  # pragma: no cover - every repairable code is handled above
+            raise AssertionError(d["code"])
+
+    with atomic_outputs(target.parent, [target.name], force=force or in_place) as outputs:
+        partial = outputs.partials[0]
+        try:
+            _rewrite(reader, partial, set_kv, drop)
+        except OSError as e:
+            raise LlavaGgufError(f"writing {target} failed: {e.strerror or e}") from None
+        after = inspect_gguf(partial)
+        left = [d["code"] for d in after["defects"]]
+        if left:  # pragma: no cover - a repair that did not take is a bug, never a file
+            raise LlavaGgufError(f"the repaired file still has {', '.join(left)}")
+    return RepairResult(src, target, tuple(d["code"] for d in defects))
+
+
+def _rewrite(reader, dest: Path, set_kv: dict[str, list[int]], drop: set[str]) -> None:
+    """gguf-py's gguf_new_metadata.py copy, with `set_kv` (INT32 arrays) replacing or added and the
+    `drop` tensors left out."""
+    import gguf
+
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dest, arch=arch, endianess=reader.endianess)
+    alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = int(alignment.contents())
+    pending = dict(set_kv)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        if field.name in pending:
+            writer.add_key_value(field.name, pending.pop(field.name), gguf.GGUFValueType.ARRAY,
+                                 sub_type=gguf.GGUFValueType.INT32)
+            continue
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    for key, value in pending.items():
+        writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+    kept = [t for t in reader.tensors if t.name not in drop]
+    for t in kept:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in kept:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
