@@ -41,6 +41,7 @@ class TinySpec:
     select_strategy: str = "default"
     hidden_act: str = "quick_gelu"
     seed: int = 0
+    text_model: str = "llama"  # or "mistral" (BakLLaVA)
     logit_scale: float = 8.0  # sharpen the random LM so greedy decoding is not a coin toss
 
 
@@ -127,7 +128,10 @@ def build_model(spec: TinySpec):
                           num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
                           image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.text_hidden,
                           hidden_act=spec.hidden_act)
-    tc = LlamaConfig(hidden_size=spec.text_hidden, intermediate_size=spec.text_ff, num_hidden_layers=spec.text_layers,
+    from transformers import MistralConfig
+
+    text_cls = {"llama": LlamaConfig, "mistral": MistralConfig}[spec.text_model]
+    tc = text_cls(hidden_size=spec.text_hidden, intermediate_size=spec.text_ff, num_hidden_layers=spec.text_layers,
                      num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
                      vocab_size=spec.vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
                      bos_token_id=1, eos_token_id=2, pad_token_id=spec.sp_vocab + 1)

@@ -71,6 +71,16 @@ def test_unknown_architecture(base, tmp_path):
     assert_clean_failure(run_cli("convert", str(base), "-o", str(out)), out, "unsupported architecture")
 
 
+def test_unknown_text_model(base, tmp_path):
+    cfg = json.loads((base / "config.json").read_text())
+    _edit_config(base, text_config={**cfg["text_config"], "model_type": "qwen2"})
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("convert", str(base), "-o", str(out)), out, "unsupported text model type 'qwen2'",
+                         "llama, mistral")
+    p = run_cli("inspect", str(base))
+    assert p.returncode == 1 and "unsupported text model type" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
 def test_corrupt_config(base, tmp_path):
     (base / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration",')
     out = tmp_path / "out"

@@ -207,3 +207,8 @@ def test_bad_input(tiny, converted, tmp_path):
     copy = shutil.copy(legacy, tmp_path / "mmproj-one.gguf")
     assert run_cli("repair", str(copy), "--feature-layer", "1").returncode == 0
     assert _json(run_cli("inspect", str(copy), "--json"))["metadata"][FEATURE] == [1]
+
+
+def test_inspect_names_the_family(tiny):
+    r = _json(run_cli("inspect", str(tiny(text_model="mistral", layout="transformers<4.52")), "--json"))
+    assert (r["family"], r["text_model"], r["layout"]) == ("bakllava", "mistral", "transformers<4.52")

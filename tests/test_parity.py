@@ -172,3 +172,22 @@ def test_pytorch_bin_checkpoints(tiny, converted, shards):
     feats, logits, _ = ours(llm, mmproj, image, before, after, 1)
     assert mean_cosine(feats, ref_feats) >= 0.999
     assert int(np.argmax(logits)) == int(np.argmax(ref_logits))
+
+
+@pytest.mark.parametrize("layout", ["transformers<4.52", "transformers-5"])
+def test_bakllava_mistral_text_model(tiny, converted, layout):
+    """BakLLaVA: LLaVA-1.5 with a Mistral language model (its own family), the same parity as LLaVA-1.5."""
+    from llava_gguf.convert.families import find_family
+    from llava_gguf.convert.checkpoint import read_config
+
+    ckpt = tiny(text_model="mistral", layout=layout)
+    assert read_config(ckpt)["text_config"]["model_type"] == "mistral"
+    assert find_family(read_config(ckpt)).name == "bakllava"
+    llm, mmproj = converted(ckpt, "f32")
+    image = sample_image(112, seed=7)
+    ref_feats, ref_logits, ref_tokens, (before, after) = hf_reference(ckpt, image, N_GREEDY)
+    feats, logits, tokens = ours(llm, mmproj, image, before, after, N_GREEDY)
+    assert mean_cosine(feats, ref_feats) >= 0.9999
+    scale = float(np.abs(ref_logits).max())
+    assert float(np.abs(logits - ref_logits).max()) <= 2e-3 * scale
+    assert tokens == ref_tokens

@@ -36,21 +36,29 @@ class Family:
     projector: tuple[tuple[str, str], ...]  # projector name -> GGUF name
     projector_type: str  # clip.projector_type
     default_chat_template: str
+    text_models: tuple[str, ...] = ("llama",)  # text_config.model_type values (absent: llama)
 
 
 def _registry() -> tuple[Family, ...]:
-    from . import llava15
+    from . import bakllava, llava15
 
-    return (llava15.FAMILY,)
+    return (llava15.FAMILY, bakllava.FAMILY)
 
 
 def find_family(config: dict) -> Family:
     archs = config.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
-    for family in _registry():
-        if any(a in family.architectures for a in archs):
+    text = config.get("text_config")
+    text_model = text.get("model_type", "llama") if isinstance(text, dict) else "llama"
+    matches = [f for f in _registry() if any(a in f.architectures for a in archs)]
+    for family in matches:
+        if text_model in family.text_models:
             return family
+    if matches:
+        known = sorted({m for f in matches for m in f.text_models})
+        raise LlavaGgufError(f"unsupported text model type {text_model!r} in a {archs[0]} checkpoint",
+                             f"supported: {', '.join(known)}")
     model_type = config.get("model_type", "?")
     if not archs:
         raise LlavaGgufError(f"config.json names no architecture (model_type {model_type!r})",
