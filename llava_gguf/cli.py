@@ -54,6 +54,9 @@ def convert(
                                               help="mmproj type: f32, f16, q8_0 (default: f32 for --outtype f32, else f16)"),
     name: Optional[str] = typer.Option(None, "--name", help="file-name stem (default: the source directory's name)"),
     force: bool = typer.Option(False, "--force", help="replace existing outputs"),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="the vision tower for a checkpoint without one (original "
+                                        "liuhaotian layout): a local CLIPModel or CLIPVisionModel directory "
+                                        "(default: the one mm_vision_tower names, from the Hugging Face cache)"),
     json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line"),
 ) -> None:
     """Write OUTDIR/<name>-<TYPE>.gguf (LLM) and OUTDIR/mmproj-<name>-<TYPE>.gguf (vision tower + projector)."""
@@ -63,7 +66,7 @@ def convert(
     try:
         with convert_progress(enabled=sys.stdout.isatty() and not json_out) as progress:
             result = convert_checkpoint(src, outdir, outtype=outtype, mmproj_type=mmproj_type, name=name,
-                                        force=force, progress=progress)
+                                        force=force, progress=progress, clip=clip)
     except LlavaGgufError as e:
         _fail(e)
     if json_out:
@@ -187,6 +190,7 @@ def quality(
 @_command
 def inspect(
     path: Path = typer.Argument(..., help="a checkpoint directory or a .gguf file (LLM or mmproj)"),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="a checkpoint's separate CLIP vision tower (as for convert)"),
     json_out: bool = typer.Option(False, "--json", help="one JSON line: the GGUF metadata as stored, plus derived fields"),
 ) -> None:
     """What a checkpoint or GGUF holds (family, layout, types, parameters, hparams), what convert would write,
@@ -194,7 +198,7 @@ def inspect(
     defect is found."""
     from .inspection import inspect_path, render
 
-    report = inspect_path(path)
+    report = inspect_path(path, clip=clip)
     if json_out:
         _print_json(report)
     else:

@@ -24,10 +24,10 @@ class Defect:
     repairable: bool
 
 
-def inspect_path(path: Path | str) -> dict:
+def inspect_path(path: Path | str, clip: Path | str | None = None) -> dict:
     path = Path(path)
     if path.is_dir():
-        return inspect_checkpoint(path)
+        return inspect_checkpoint(path, clip)
     if not path.exists():
         raise LlavaGgufError(f"{path} does not exist", "give a checkpoint directory or a .gguf file")
     return inspect_gguf(path)
@@ -180,18 +180,14 @@ def inspect_gguf(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ checkpoint
-def inspect_checkpoint(src: Path) -> dict:
-    from .convert import output_names
+def inspect_checkpoint(src: Path, clip: Path | str | None = None) -> dict:
     from .convert import _split as split_parts
-    from .convert.checkpoint import read_checkpoint
-    from .convert.families import detect_layout, find_family
-    from .convert.hparams import resolve_llava
+    from .convert import open_llava, output_names
     from .convert.mmproj import feature_layer_index
 
-    ck = read_checkpoint(src)
-    family = find_family(ck.config)
-    layout = detect_layout(family, list(ck.tensors))
-    root, text_hp, vision_hp = resolve_llava(ck.config)
+    source = open_llava(src, clip)
+    ck, family, layout = source.checkpoint, source.family, source.layout
+    root, text_hp, vision_hp = source.root, source.text_hp, source.vision_hp
     text, vision, proj = split_parts(ck, layout)
 
     def count(refs) -> int:
@@ -217,8 +213,9 @@ def inspect_checkpoint(src: Path) -> dict:
         "layout": layout.name,
         "architecture": archs[0] if isinstance(archs, list) and archs else archs,
         "text_model": text_hp["model_type"],
+        "vision_from": str(source.clip) if source.clip else "checkpoint",
         "weights": {"format": ck.weight_files[0].suffix.lstrip(".") if ck.weight_files else None,
-                    "files": len(ck.weight_files), "bytes": ck.total_bytes},
+                    "files": len(ck.weight_files), "bytes": ck.total_bytes},  # the separate tower's included
         "dtypes": dict(sorted(Counter(r.dtype for r in ck.tensors.values()).items())),
         "parameters": params,
         "text": {"layers": int(text_hp["num_hidden_layers"]), "hidden_size": int(text_hp["hidden_size"]),

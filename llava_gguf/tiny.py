@@ -165,37 +165,14 @@ def _rename(name: str, layout: str) -> str:
 
 def save_checkpoint(model, out: Path, spec: TinySpec) -> None:
     import torch
-    from safetensors.torch import save_file
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec.dtype]
     state = {_rename(k, spec.layout): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    names = sorted(state)
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = cfg["dtype"] = spec.dtype
     cfg["architectures"] = ["LlavaForConditionalGeneration"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    binary = spec.weights_format == "bin"
-
-    def save(tensors: dict, path: Path) -> None:
-        if binary:
-            torch.save(tensors, str(path))
-        else:
-            save_file(tensors, str(path), metadata={"format": "pt"})
-
-    if spec.shards <= 1:
-        save(state, out / ("pytorch_model.bin" if binary else "model.safetensors"))
-        return
-    per = -(-len(names) // spec.shards)
-    weight_map = {}
-    stem, ext = ("pytorch_model", "bin") if binary else ("model", "safetensors")
-    for i in range(spec.shards):
-        part = names[i * per:(i + 1) * per]
-        fname = f"{stem}-{i + 1:05d}-of-{spec.shards:05d}.{ext}"
-        save({n: state[n] for n in part}, out / fname)
-        weight_map.update({n: fname for n in part})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / f"{stem}.{ext}.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _save_state(state, out, spec)
 
 
 def make_tiny_llava(out: Path | str, spec: TinySpec = TinySpec()) -> Path:
@@ -226,3 +203,105 @@ def sample_image(size: int, seed: int = 0):
     d.rectangle([s * 0.55, s * 0.5, s * 0.9, s * 0.85], fill=(30, 60, 200))
     d.polygon([(s * 0.2, s * 0.9), (s * 0.4, s * 0.55), (s * 0.6, s * 0.9)], fill=(250, 220, 40))
     return img
+
+
+def make_tiny_liuhaotian(llava_dir: Path | str, out: Path | str, clip_out: Path | str | None, *,
+                         clip_kind: str = "vision", weights_format: str = "bin", shards: int = 1,
+                         with_tower: bool = False, tower_name: str = "openai/clip-vit-tiny-test") -> Path:
+    """The llava-hf checkpoint `llava_dir` saved again the way the original LLaVA code saves it
+    (`LlavaLlamaForCausalLM` / `LlavaMistralForCausalLM`: a language-model config with mm_* fields,
+    `model.*`, `lm_head.*`, `model.mm_projector.{0,2}.*`, no vision tower unless `with_tower`), plus the
+    tower as a separate CLIP checkpoint in `clip_out`: a CLIPVisionModel (`clip_kind="vision"`) or a
+    full CLIPModel with a text tower (`"full"`), as openai/clip-vit-large-patch14-336 ships. The same
+    weights as `llava_dir`, so transformers' LlavaForConditionalGeneration on `llava_dir` is the reference."""
+    import shutil
+
+    import torch
+    from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel,
+                              LlavaForConditionalGeneration)
+
+    llava_dir, out = Path(llava_dir), Path(out)
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32)
+    cfg = model.config
+    text_type = cfg.text_config.model_type
+    state: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.language_model."):
+            state["model." + k[len("model.language_model."):]] = v
+        elif k.startswith("lm_head."):
+            state[k] = v
+        elif k.startswith("model.multi_modal_projector."):
+            rest = k[len("model.multi_modal_projector."):].replace("linear_1.", "0.").replace("linear_2.", "2.")
+            state["model.mm_projector." + rest] = v
+        elif k.startswith("model.vision_tower.") and with_tower:
+            rest = k[len("model.vision_tower."):]
+            rest = rest[len("vision_model."):] if rest.startswith("vision_model.") else rest
+            state["model.vision_tower.vision_tower.vision_model." + rest] = v
+    text = cfg.text_config.to_dict()
+    for k in ("architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"):
+        text.pop(k, None)
+    text.update({
+        "architectures": ["LlavaMistralForCausalLM" if text_type == "mistral" else "LlavaLlamaForCausalLM"],
+        "model_type": "llava_mistral" if text_type == "mistral" else "llava_llama",
+        "torch_dtype": "float16",
+        "mm_vision_tower": tower_name, "mm_hidden_size": cfg.vision_config.hidden_size,
+        "mm_vision_select_layer": cfg.vision_feature_layer, "mm_vision_select_feature": "patch",
+        "mm_projector_type": "mlp2x_gelu", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+        "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+    })
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(text, indent=2))
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (llava_dir / f).is_file():
+            shutil.copy2(llava_dir / f, out / f)
+    spec = TinySpec(weights_format=weights_format, shards=shards, dtype="float16")
+    _save_state({k: v.to(torch.float16).contiguous() for k, v in state.items()}, out, spec)
+    if clip_out is not None:
+        clip_out = Path(clip_out)
+        if clip_kind == "vision":
+            clip = CLIPVisionModel(cfg.vision_config)
+        elif clip_kind == "full":
+            tc = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                vocab_size=99, max_position_embeddings=16, projection_dim=cfg.vision_config.projection_dim,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=1)
+            clip = CLIPModel(CLIPConfig(text_config=tc.to_dict(), vision_config=cfg.vision_config.to_dict(),
+                                        projection_dim=cfg.vision_config.projection_dim))
+        else:
+            raise ValueError(clip_kind)
+        # transformers 5's CLIPVisionModel is the vision transformer itself (no `vision_model` level)
+        tower = model.model.vision_tower
+        getattr(clip, "vision_model", clip).load_state_dict(getattr(tower, "vision_model", tower).state_dict())
+        clip.save_pretrained(clip_out)
+        shutil.copy2(llava_dir / "preprocessor_config.json", clip_out / "preprocessor_config.json")
+    return out
+
+
+def _save_state(state: dict, out: Path, spec: TinySpec) -> None:
+    """`state` (final on-disk names) in `spec`'s weights format and shard count."""
+    import torch
+    from safetensors.torch import save_file
+
+    binary = spec.weights_format == "bin"
+    names = sorted(state)
+
+    def save(tensors: dict, path: Path) -> None:
+        if binary:
+            torch.save(tensors, str(path))
+        else:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+
+    if spec.shards <= 1:
+        save(state, out / ("pytorch_model.bin" if binary else "model.safetensors"))
+        return
+    per = -(-len(names) // spec.shards)
+    weight_map = {}
+    stem, ext = ("pytorch_model", "bin") if binary else ("model", "safetensors")
+    for i in range(spec.shards):
+        part = names[i * per:(i + 1) * per]
+        fname = f"{stem}-{i + 1:05d}-of-{spec.shards:05d}.{ext}"
+        save({n: state[n] for n in part}, out / fname)
+        weight_map.update({n: fname for n in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / f"{stem}.{ext}.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -16,7 +16,7 @@ from .llm import OUTTYPES, build_llm, type_label
 from .mmproj import MMPROJ_TYPES, build_mmproj
 from .writer import TensorStream
 
-__all__ = ["ConvertResult", "convert_checkpoint", "output_names", "OUTTYPES", "MMPROJ_TYPES"]
+__all__ = ["ConvertResult", "LlavaSource", "open_llava", "convert_checkpoint", "output_names", "OUTTYPES", "MMPROJ_TYPES"]
 
 
 @dataclass(frozen=True)
@@ -48,21 +48,56 @@ def _split(ck: Checkpoint, layout: KeyLayout) -> tuple[dict[str, TensorRef], dic
     vision: dict[str, TensorRef] = {}
     proj: dict[str, TensorRef] = {}
     for name, ref in ck.tensors.items():
-        for prefix, canonical in layout.text:
-            if name.startswith(prefix):
-                text[canonical + name[len(prefix):]] = ref
-                break
+        # projector and tower first: a text prefix may cover them (liuhaotian's `model.mm_projector.`)
+        if name.startswith(layout.projector):
+            proj[name[len(layout.projector):]] = ref
+        elif name.startswith(layout.vision):
+            vision[name[len(layout.vision):]] = ref
         else:
-            if name.startswith(layout.projector):
-                proj[name[len(layout.projector):]] = ref
-            elif name.startswith(layout.vision):
-                vision[name[len(layout.vision):]] = ref
+            for prefix, canonical in layout.text:
+                if name.startswith(prefix):
+                    text[canonical + name[len(prefix):]] = ref
+                    break
             # anything else (e.g. a stray image_newline of another family) is not ours to write
     return text, vision, proj
 
 
+@dataclass(frozen=True)
+class LlavaSource:
+    """A checkpoint as the converter sees it: its family and key layout, the tower attached when it
+    lives elsewhere, and hyperparameters with defaults filled in."""
+
+    checkpoint: Checkpoint
+    family: Family
+    layout: KeyLayout
+    root: dict
+    text_hp: dict
+    vision_hp: dict
+    image_config_dir: Path  # where preprocessor_config.json (image mean/std) is looked for
+    clip: Path | None  # the separate CLIP checkpoint used, if any
+
+
+def open_llava(src: Path | str, clip: Path | str | None = None) -> LlavaSource:
+    src = Path(src)
+    ck = read_checkpoint(src)
+    family: Family = find_family(ck.config)
+    config, image_dir, clip_dir = ck.config, src, None
+    if family.external_vision:
+        from .external import attach_vision
+
+        ck, config, clip_dir = attach_vision(ck, family, Path(clip) if clip is not None else None)
+        image_dir = clip_dir
+    elif clip is not None:
+        raise LlavaGgufError(f"--clip applies to checkpoints without a vision tower; this {family.name} checkpoint "
+                             "carries its own")
+    layout = detect_layout(family, list(ck.tensors))
+    root, text_hp, vision_hp = resolve_llava(config)
+    return LlavaSource(ck, family, layout, root, text_hp, vision_hp, image_dir, clip_dir)
+
+
 def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f16", mmproj_type: str | None = None,
-                       name: str | None = None, force: bool = False, progress: Progress | None = None) -> ConvertResult:
+                       name: str | None = None, force: bool = False, progress: Progress | None = None,
+                       clip: Path | str | None = None) -> ConvertResult:
     src, outdir = Path(src), Path(outdir)
     outtype = outtype.lower()
     quant = None
@@ -82,16 +117,16 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     mmproj_type = (mmproj_type or ("f32" if outtype == "f32" else "f16")).lower()
     if mmproj_type not in MMPROJ_TYPES:
         raise LlavaGgufError(f"unknown --mmproj-type {mmproj_type!r}", f"choose one of {', '.join(MMPROJ_TYPES)}")
-    ck = read_checkpoint(src)
-    family: Family = find_family(ck.config)
+    src_ = open_llava(src, clip)
+    ck, family, layout = src_.checkpoint, src_.family, src_.layout
     name = name or src.resolve().name
     if not re.fullmatch(r"[^/\\\x00]+", name) or name in (".", ".."):
         raise LlavaGgufError(f"--name {name!r} is not usable in a file name")
-    layout = detect_layout(family, list(ck.tensors))
-    root, text_hp, vision_hp = resolve_llava(ck.config)
+    root, text_hp, vision_hp = src_.root, src_.text_hp, src_.vision_hp
     text, vision, proj = _split(ck, layout)
     # the mmproj first: its checks (feature layer, strategy, activations) need no tokenizer work
-    mm = build_mmproj(family, root, vision_hp, int(text_hp["hidden_size"]), vision, proj, src, mmproj_type, name)
+    mm = build_mmproj(family, root, vision_hp, int(text_hp["hidden_size"]), vision, proj, src_.image_config_dir,
+                      mmproj_type, name)
     llm = build_llm(text_hp, text, src, outtype, None, family.default_chat_template)
     llm_name, mm_name = output_names(name, outtype, mmproj_type)
     if quant is not None:

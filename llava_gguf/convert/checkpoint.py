@@ -161,7 +161,14 @@ def _torch_bin_refs(path: Path) -> list[TensorRef]:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower() or "weights_only" in str(e):
+            raise LlavaGgufError(f"{path} holds more than tensors: torch.load(weights_only=True) refuses to unpickle "
+                                 "the other objects in it, since unpickling them could run code",
+                                 "re-save its state_dict (tensors only) or as safetensors where you trust the file") from None
+        raise LlavaGgufError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})",
+                             "download the checkpoint again") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as e:
         raise LlavaGgufError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})",
                              "download the checkpoint again") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -3,6 +3,7 @@ layout, and how its vision tower and projector names map to GGUF. Adding a famil
 module with its table and registering it in FAMILIES; nothing else branches on the family."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import LlavaGgufError
@@ -36,13 +37,17 @@ class Family:
     projector: tuple[tuple[str, str], ...]  # projector name -> GGUF name
     projector_type: str  # clip.projector_type
     default_chat_template: str
-    text_models: tuple[str, ...] = ("llama",)  # text_config.model_type values (absent: llama)
+    text_models: tuple[str, ...] = ("llama",)  # text_config.model_type values accepted
+    # The original liuhaotian layout: the vision tower lives in a separate CLIP checkpoint, and the config
+    # is LLaVA's own; `llava_config(config, clip_config)` gives the llava-hf config it stands for.
+    external_vision: bool = False
+    llava_config: Callable[[dict, dict], dict] | None = None
 
 
 def _registry() -> tuple[Family, ...]:
-    from . import bakllava, llava15
+    from . import bakllava, liuhaotian, llava15
 
-    return (llava15.FAMILY, bakllava.FAMILY)
+    return (llava15.FAMILY, bakllava.FAMILY, liuhaotian.FAMILY, liuhaotian.FAMILY_MISTRAL)
 
 
 def find_family(config: dict) -> Family:
@@ -50,10 +55,10 @@ def find_family(config: dict) -> Family:
     if not isinstance(archs, list):
         archs = [archs]
     text = config.get("text_config")
-    text_model = text.get("model_type", "llama") if isinstance(text, dict) else "llama"
+    text_model = text.get("model_type", "llama") if isinstance(text, dict) else None
     matches = [f for f in _registry() if any(a in f.architectures for a in archs)]
     for family in matches:
-        if text_model in family.text_models:
+        if text_model is None or text_model in family.text_models:
             return family
     if matches:
         known = sorted({m for f in matches for m in f.text_models})

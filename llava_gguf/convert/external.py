@@ -1,0 +1,89 @@
+"""The vision tower of a checkpoint that does not carry it (the original liuhaotian layout): a local CLIP
+checkpoint (`--clip DIR`: a full CLIPModel, text tower included, or a CLIPVisionModel), or the one the
+config's `mm_vision_tower` names, from a local path or the Hugging Face cache. Nothing is downloaded."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import LlavaGgufError
+from .checkpoint import Checkpoint, read_checkpoint
+from .families import Family
+
+
+_TOWER_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+
+
+def hf_cache_dirs() -> list[Path]:
+    """Where huggingface_hub keeps downloads: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return [Path(os.environ["HF_HUB_CACHE"])]
+    home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
+    return [home / "hub"]
+
+
+def cached_snapshot(repo: str) -> Path | None:
+    """The cached snapshot of `repo` (the one refs/main names, else the newest) that has a config.json."""
+    for cache in hf_cache_dirs():
+        base = cache / ("models--" + repo.replace("/", "--"))
+        snaps = base / "snapshots"
+        if not snaps.is_dir():
+            continue
+        ref = base / "refs" / "main"
+        if ref.is_file() and (snaps / ref.read_text().strip() / "config.json").is_file():
+            return snaps / ref.read_text().strip()
+        found = sorted((p for p in snaps.iterdir() if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+    return None
+
+
+def find_clip(config: dict, clip: Path | None) -> Path:
+    if clip is not None:
+        clip = Path(clip)
+        if not clip.is_dir():
+            raise LlavaGgufError(f"--clip {clip} is not a directory", "give a local CLIP checkpoint directory")
+        return clip
+    name = config.get("mm_vision_tower") or config.get("vision_tower")
+    if not isinstance(name, str) or not name:
+        raise LlavaGgufError("the checkpoint has no vision tower and its config names none (mm_vision_tower)",
+                             "give the CLIP checkpoint with --clip DIR")
+    if Path(name).is_dir():
+        return Path(name)
+    snapshot = cached_snapshot(name)
+    if snapshot is None:
+        where = " or ".join(str(c / ("models--" + name.replace("/", "--"))) for c in hf_cache_dirs())
+        raise LlavaGgufError(f"the vision tower {name} (mm_vision_tower) is not in this checkpoint nor in the Hugging "
+                             f"Face cache ({where})", f"download {name} and pass its directory with --clip DIR")
+    return snapshot
+
+
+def attach_vision(ck: Checkpoint, family: Family, clip: Path | None) -> tuple[Checkpoint, dict, Path]:
+    """(checkpoint with the tower's tensors under the family's vision prefix, the llava-hf config it
+    stands for, the directory holding the image pre-processing config)."""
+    assert family.llava_config is not None
+    prefix = family.layouts[0].vision
+    clip_dir = find_clip(ck.config, clip)
+    clip_ck = read_checkpoint(clip_dir)
+    cfg = clip_ck.config
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") not in ("clip", "clip_vision_model") and not any("CLIP" in a for a in archs):
+        raise LlavaGgufError(f"{clip_dir} is not a CLIP checkpoint (model_type {cfg.get('model_type')!r})",
+                             "--clip takes a CLIPModel or CLIPVisionModel directory, e.g. openai/clip-vit-large-patch14-336")
+    tensors = dict(ck.tensors)
+    has_tower = any(n.startswith(prefix) for n in tensors)
+    if not has_tower:
+        from dataclasses import replace
+
+        # `vision_model.*` (CLIPModel; CLIPVisionModel before transformers 5) or bare (CLIPVisionModel since 5)
+        strip = "vision_model." if any(n.startswith("vision_model.") for n in clip_ck.tensors) else ""
+        vision = {n: r for n, r in clip_ck.tensors.items()
+                  if n.startswith(strip) and n[len(strip):].startswith(_TOWER_PARTS)}
+        if not vision:
+            raise LlavaGgufError(f"{clip_dir} holds no CLIP vision-tower tensors", "is this a CLIP checkpoint?")
+        for n, r in vision.items():
+            new = prefix + n[len(strip):]
+            tensors[new] = replace(r, name=new)
+    config = family.llava_config(ck.config, cfg)
+    files = ck.weight_files if has_tower else ck.weight_files + clip_ck.weight_files
+    return Checkpoint(ck.path, ck.config, tensors, files), config, clip_dir
