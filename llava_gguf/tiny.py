@@ -207,13 +207,16 @@ def sample_image(size: int, seed: int = 0):
 
 def make_tiny_liuhaotian(llava_dir: Path | str, out: Path | str, clip_out: Path | str | None, *,
                          clip_kind: str = "vision", weights_format: str = "bin", shards: int = 1,
-                         with_tower: bool = False, tower_name: str = "openai/clip-vit-tiny-test") -> Path:
+                         with_tower: bool = False, tower_name: str = "openai/clip-vit-tiny-test",
+                         linear_projector: bool = False) -> Path:
     """The llava-hf checkpoint `llava_dir` saved again the way the original LLaVA code saves it
     (`LlavaLlamaForCausalLM` / `LlavaMistralForCausalLM`: a language-model config with mm_* fields,
     `model.*`, `lm_head.*`, `model.mm_projector.{0,2}.*`, no vision tower unless `with_tower`), plus the
     tower as a separate CLIP checkpoint in `clip_out`: a CLIPVisionModel (`clip_kind="vision"`) or a
     full CLIPModel with a text tower (`"full"`), as openai/clip-vit-large-patch14-336 ships. The same
-    weights as `llava_dir`, so transformers' LlavaForConditionalGeneration on `llava_dir` is the reference."""
+    weights as `llava_dir`, so transformers' LlavaForConditionalGeneration on `llava_dir` is the reference.
+    `linear_projector`: LLaVA v1's single `nn.Linear` (`model.mm_projector.{weight,bias}`, random, seeded; no
+    mm_projector_type in the config, as v1 wrote it) instead of the checkpoint's MLP."""
     import shutil
 
     import torch
@@ -237,6 +240,12 @@ def make_tiny_liuhaotian(llava_dir: Path | str, out: Path | str, clip_out: Path 
             rest = k[len("model.vision_tower."):]
             rest = rest[len("vision_model."):] if rest.startswith("vision_model.") else rest
             state["model.vision_tower.vision_tower.vision_model." + rest] = v
+    if linear_projector:
+        gen = torch.Generator().manual_seed(7)
+        n_in, n_out = cfg.vision_config.hidden_size, cfg.text_config.hidden_size
+        state = {k: v for k, v in state.items() if not k.startswith("model.mm_projector.")}
+        state["model.mm_projector.weight"] = torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5
+        state["model.mm_projector.bias"] = torch.randn(n_out, generator=gen) * 0.1
     text = cfg.text_config.to_dict()
     for k in ("architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"):
         text.pop(k, None)
@@ -250,6 +259,8 @@ def make_tiny_liuhaotian(llava_dir: Path | str, out: Path | str, clip_out: Path 
         "mm_patch_merge_type": "flat", "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False,
         "use_mm_proj": True,
     })
+    if linear_projector:
+        del text["mm_projector_type"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(text, indent=2))
     for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

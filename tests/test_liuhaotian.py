@@ -107,7 +107,7 @@ def test_liuhaotian_bad_input(tiny, tmp_path):
     assert_clean_failure(run_cli("convert", str(hf), "--clip", clip, "-o", str(out)), out,
                          "--clip applies to checkpoints without a vision tower")
     for changes, words in [
-        (dict(mm_projector_type="linear"), ("mm_projector_type 'linear'", "not supported")),
+        (dict(mm_projector_type="mlp3x_gelu"), ("mm_projector_type 'mlp3x_gelu'", "not supported")),
         (dict(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad"), ("anyres",)),
         (dict(mm_use_im_start_end=True), ("mm_use_im_start_end",)),
     ]:
@@ -129,3 +129,42 @@ class _Args:  # stands for the training arguments some checkpoints pickle next t
 
 def argparse_like():
     return _Args()
+
+
+def test_llava_v1_linear_projector(tiny, tmp_path):
+    """LLaVA v1: one nn.Linear projector (no mm_projector_type in its config). libmtmd's mlp projector
+    always applies GELU after mm.0; the converter writes the linear map as an exact GELU pair (see
+    liuhaotian.linear_as_gelu_pair). Reference: transformers' LLaVA with its projector replaced by the
+    checkpoint's nn.Linear, i.e. LLaVA v1's computation."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from llava_gguf.reference import load_hf_model
+
+    hf = tiny(dtype="float16")
+    lh = make_tiny_liuhaotian(hf, tmp_path / "llava-v1-tiny", tmp_path / "clip", weights_format="safetensors",
+                              linear_projector=True)
+    assert "mm_projector_type" not in json.loads((lh / "config.json").read_text())
+    p = run_cli("convert", str(lh), "--clip", str(tmp_path / "clip"), "-o", str(tmp_path / "out"), "--outtype", "f32",
+                "--json")
+    assert p.returncode == 0, p.stderr
+    r = _json(p)
+    mm = {t.name: t for t in gguf.GGUFReader(r["mmproj"]).tensors}
+    assert tuple(mm["mm.0.weight"].shape) == (64, 512) and tuple(mm["mm.2.weight"].shape) == (512, 256)
+
+    weights = load_file(str(lh / "model.safetensors"))
+    model = load_hf_model(hf)
+    linear = torch.nn.Linear(64, 256)
+    with torch.no_grad():
+        linear.weight.copy_(weights["model.mm_projector.weight"].float())
+        linear.bias.copy_(weights["model.mm_projector.bias"].float())
+    model.model.multi_modal_projector = linear
+    image = sample_image(112, seed=8)
+    ref_feats, ref_logits, ref_tokens, (before, after) = hf_reference(hf, image, N_GREEDY, model=model)
+    feats, logits, tokens = ours(r["llm"], r["mmproj"], image, before, after, N_GREEDY)
+    cosine = mean_cosine(feats, ref_feats)
+    rel = float(np.abs(feats - ref_feats).max() / np.abs(ref_feats).max())
+    print(f"LLaVA v1 linear projector as a GELU pair: cosine {cosine:.8f}, max relative error {rel:.2e}")
+    assert cosine >= 0.99999
+    assert float(np.abs(logits - ref_logits).max()) <= 2e-3 * float(np.abs(ref_logits).max())
+    assert tokens == ref_tokens

@@ -27,9 +27,10 @@ def _prompt_ids(ckpt):
     return before, after
 
 
-def hf_reference(ckpt, image, n_greedy):
-    """Image rows, first-step logits and greedy tokens from transformers (fp32)."""
-    model = load_hf_model(ckpt)
+def hf_reference(ckpt, image, n_greedy, model=None):
+    """Image rows, first-step logits and greedy tokens from transformers (fp32); `model`: a loaded (and
+    possibly altered) model of `ckpt` instead of the checkpoint as saved."""
+    model = model if model is not None else load_hf_model(ckpt)
     pixels = pixel_values(ckpt, image)
     feats = image_features(model, pixels)
     before, after = _prompt_ids(ckpt)

@@ -43,6 +43,14 @@ def output_names(name: str, outtype: str, mmproj_type: str) -> tuple[str, str]:
     return f"{name}-{type_label(outtype)}.gguf", f"mmproj-{name}-{type_label(mmproj_type)}.gguf"
 
 
+def split_parts(source: LlavaSource) -> tuple[dict[str, TensorRef], dict[str, TensorRef], dict[str, TensorRef]]:
+    """(text, vision, projector) tensors under the names the family's tables map."""
+    text, vision, proj = _split(source.checkpoint, source.layout)
+    if source.family.projector_tensors is not None:
+        proj = source.family.projector_tensors(proj)
+    return text, vision, proj
+
+
 def _split(ck: Checkpoint, layout: KeyLayout) -> tuple[dict[str, TensorRef], dict[str, TensorRef], dict[str, TensorRef]]:
     text: dict[str, TensorRef] = {}
     vision: dict[str, TensorRef] = {}
@@ -123,7 +131,7 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     if not re.fullmatch(r"[^/\\\x00]+", name) or name in (".", ".."):
         raise LlavaGgufError(f"--name {name!r} is not usable in a file name")
     root, text_hp, vision_hp = src_.root, src_.text_hp, src_.vision_hp
-    text, vision, proj = _split(ck, layout)
+    text, vision, proj = split_parts(src_)
     # the mmproj first: its checks (feature layer, strategy, activations) need no tokenizer work
     mm = build_mmproj(family, root, vision_hp, int(text_hp["hidden_size"]), vision, proj, src_.image_config_dir,
                       mmproj_type, name)

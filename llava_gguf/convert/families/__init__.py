@@ -42,6 +42,9 @@ class Family:
     # is LLaVA's own; `llava_config(config, clip_config)` gives the llava-hf config it stands for.
     external_vision: bool = False
     llava_config: Callable[[dict, dict], dict] | None = None
+    # projector tensors as the checkpoint has them -> the ones `projector` maps (e.g. a linear projector
+    # as an exact GELU pair, see liuhaotian.py)
+    projector_tensors: Callable[[dict], dict] | None = None
 
 
 def _registry() -> tuple[Family, ...]:

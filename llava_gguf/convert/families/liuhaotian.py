@@ -39,6 +39,52 @@ _MM_KEYS = ("mm_vision_tower", "mm_hidden_size", "mm_vision_select_layer", "mm_v
             "mm_resampler_type", "tokenizer_model_max_length", "tokenizer_padding_side")
 
 
+def linear_as_gelu_pair(proj: dict) -> dict:
+    """LLaVA v1's single linear projector `y = W x + b` as the 2-layer GELU MLP libmtmd runs (it always
+    applies GELU after mm.0), exactly: with z = W x + b,
+
+        mm.0 = [W; -W], [b; -b]      (2n outputs)
+        mm.2 = [I, -I], 0            y = GELU(z) - GELU(-z) = z
+
+    since GELU(z) = z * P(z) and P(z) + P(-z) = 1 — for the exact (erf) GELU and for the tanh form ggml
+    uses alike (0.5 z (1 + tanh u) + 0.5 z (1 - tanh u) = z). Files stay standard `mlp` mmproj files that
+    every libmtmd runs unchanged; the cost is a twice-as-wide first layer and a sparse second one (about
+    10% more vision compute for ViT-L). ggml's CPU GELU reads an fp16 table, so the pair reproduces z to
+    fp16 precision (measured: cosine >= 0.99999 against the linear map)."""
+    if "weight" not in proj:
+        return proj
+    import numpy as np
+
+    from ..checkpoint import TensorRef
+
+    w_ref, b_ref = proj["weight"], proj.get("bias")
+    if b_ref is None:
+        raise LlavaGgufError("the linear projector has no bias", "a projector without bias is not supported")
+    n_out, n_in = w_ref.shape
+
+    def ref(name: str, shape: tuple[int, ...], make) -> TensorRef:
+        return TensorRef(name, "F32", shape, w_ref.file, -1, 4 * int(np.prod(shape)), make)
+
+    def w0() -> np.ndarray:
+        w = w_ref.read().astype(np.float32)
+        return np.concatenate([w, -w], axis=0)
+
+    def b0() -> np.ndarray:
+        b = b_ref.read().astype(np.float32)
+        return np.concatenate([b, -b])
+
+    def w2() -> np.ndarray:
+        eye = np.eye(n_out, dtype=np.float32)
+        return np.concatenate([eye, -eye], axis=1)
+
+    return {
+        "0.weight": ref("0.weight", (2 * n_out, n_in), w0),
+        "0.bias": ref("0.bias", (2 * n_out,), b0),
+        "2.weight": ref("2.weight", (n_out, 2 * n_out), w2),
+        "2.bias": ref("2.bias", (n_out,), lambda: np.zeros(n_out, np.float32)),
+    }
+
+
 def clip_vision_config(clip_config: dict) -> dict:
     """The vision part of a CLIPModel config, or a CLIPVisionModel config itself."""
     if isinstance(clip_config.get("vision_config"), dict):
@@ -48,10 +94,10 @@ def clip_vision_config(clip_config: dict) -> dict:
 
 def llava_config(config: dict, clip_config: dict, text_model: str) -> dict:
     """The llava-hf config this checkpoint stands for (what resolve_llava and the mmproj writer read)."""
-    projector = config.get("mm_projector_type", "linear")
-    if projector != "mlp2x_gelu":
-        raise LlavaGgufError(f"mm_projector_type {projector!r} is not supported yet",
-                             "supported: mlp2x_gelu (LLaVA-1.5 and its fine-tunes)")
+    projector = config.get("mm_projector_type", "linear")  # absent in LLaVA v1 configs: linear
+    if projector not in ("mlp2x_gelu", "linear"):
+        raise LlavaGgufError(f"mm_projector_type {projector!r} is not supported",
+                             "supported: mlp2x_gelu (LLaVA-1.5 and its fine-tunes), linear (LLaVA v1)")
     aspect = config.get("image_aspect_ratio", "square")
     merge = config.get("mm_patch_merge_type", "flat")
     if "anyres" in str(aspect) or merge != "flat":
@@ -90,6 +136,7 @@ FAMILY = Family(
     text_models=("llama",),
     external_vision=True,
     llava_config=lambda config, clip_config: llava_config(config, clip_config, "llama"),
+    projector_tensors=linear_as_gelu_pair,
 )
 
 FAMILY_MISTRAL = replace(
