@@ -232,6 +232,44 @@ def repair(
         typer.echo(f"fixed {', '.join(r.fixed)} -> {r.output}")
 
 
+@app.command("verify")
+@_command
+def verify_cmd(
+    src: Path = typer.Argument(..., help="the Hugging Face checkpoint directory that was converted"),
+    outdir: Path = typer.Argument(..., help="the directory convert/quantize wrote (or an LLM .gguf)"),
+    images: Optional[Path] = typer.Option(None, "--images", help="a directory of images (default: 3 built-in samples)"),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="SRC's separate CLIP vision tower (as for convert)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="the LLM .gguf, when OUTDIR has several"),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="the mmproj .gguf, when OUTDIR has several"),
+    tokens: int = typer.Option(16, "--tokens", min=1, help="answer tokens compared per image"),
+    runtime: str = typer.Option("fixed", "--runtime", help="fixed (ours) or stock (unpatched libmtmd, as other "
+                                "llama.cpp-based apps run the same files)"),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="default 0.999 (0.99 for a quantized mmproj)"),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="default 0.95 (0.80 for a quantized LLM)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
+) -> None:
+    """Check a converted pair against the Hugging Face checkpoint in transformers: image-embedding cosine,
+    next-token KL and top-1 agreement along transformers' greedy answer, identical greedy answers. Exits 1
+    below the thresholds."""
+    from .verify import verify
+
+    r = verify(src, outdir, images=images, clip=clip, llm=model, mmproj=mmproj, tokens=tokens, runtime=runtime,
+               min_cosine=min_cosine, min_top1=min_top1, threads=threads)
+    if json_out:
+        _print_json(r.to_dict())
+    else:
+        typer.echo(f"reference {r.source} (transformers, {r.reference_dtype})")
+        typer.echo(f"gguf      {r.llm} + {Path(r.mmproj).name} ({r.runtime} libmtmd)")
+        typer.echo(f"images    {len(r.images)}: {', '.join(r.images)}")
+        typer.echo(f"image embedding cosine  mean {r.cosine_mean:.7f}  min {r.cosine_min:.7f}")
+        typer.echo(f"next-token KL           mean {r.kl_mean:.6f}  max {r.kl_max:.6f}")
+        typer.echo(f"top-1 agreement         {100 * r.top1:.1f}%   identical greedy answers {r.greedy_identical}/{len(r.images)}")
+        typer.echo("PASS" if r.passed else "FAIL: " + "; ".join(r.failures))
+    if not r.passed:
+        raise typer.Exit(1)
+
+
 @app.command()
 @_command
 def chat(

@@ -1,0 +1,260 @@
+"""`verify`: the parity check of our tests, for users. The Hugging Face checkpoint in transformers and the
+converted (or quantized) GGUF pair in our runtime see the same images and the same token ids; reported:
+image-embedding cosine, next-token KL divergence and top-1 agreement along transformers' greedy answer,
+and whether the greedy answers are identical.
+
+Both sides get the same pixels: an image is first made square the way LLaVA-1.5 was trained (padded
+with the CLIP mean colour, as libmtmd does) and resized with PIL to the tower's resolution, so neither
+side resizes again (libmtmd's resizer and PIL's differ, and llava-hf's processor would centre-crop).
+The reference is built from the same `open_llava` view of the checkpoint the converter reads, so every
+family and layout it converts is checked, including the original layout with its separate CLIP tower
+and LLaVA v1's linear projector."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LlavaGgufError
+
+PROMPT = "What is in the image?"
+PAD_COLOR = (122, 116, 104)  # CLIP's mean colour, LLaVA-1.5's expand-to-square background
+
+
+@dataclass
+class VerifyReport:
+    source: str
+    llm: str
+    mmproj: str
+    runtime: str  # "fixed" (our libmtmd) or "stock"
+    reference_dtype: str  # transformers' precision: float32, or bfloat16 when float32 does not fit in memory
+    images: list[str]
+    tokens: int
+    cosine_mean: float = 0.0
+    cosine_min: float = 0.0
+    kl_mean: float = 0.0
+    kl_max: float = 0.0
+    top1: float = 0.0
+    greedy_identical: int = 0
+    thresholds: dict = field(default_factory=dict)
+    passed: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def square_image(image, size: int):
+    """`image` padded to a square with LLaVA's background and resized (PIL, bicubic) to `size`."""
+    from PIL import Image
+
+    img = image.convert("RGB")
+    w, h = img.size
+    if w != h:
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), PAD_COLOR)
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        img = canvas
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return img
+
+
+def sample_images(size: int, n: int = 3) -> list:
+    from .tiny import sample_image
+
+    return [sample_image(size, seed=s) for s in range(n)]
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def build_reference(source, dtype):
+    """transformers' LlavaForConditionalGeneration holding the checkpoint's weights as the converter
+    reads them (any family and layout), filled one tensor at a time (no second copy of the model)."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from .convert import split_parts
+
+    if source.family.name in ("llava-1.5", "bakllava"):
+        return LlavaForConditionalGeneration.from_pretrained(str(source.checkpoint.path), dtype=dtype).eval()
+    root = source.root
+    vision_cfg = {**root["vision_config"], "model_type": "clip_vision_model"}
+    cfg = LlavaConfig(text_config=dict(root["text_config"]), vision_config=vision_cfg,
+                      vision_feature_layer=root["vision_feature_layer"],
+                      vision_feature_select_strategy=root["vision_feature_select_strategy"],
+                      projector_hidden_act="gelu", image_token_id=0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = LlavaForConditionalGeneration(cfg).to(dtype)  # the config's torch_dtype must not win
+    finally:
+        torch.set_default_dtype(old)
+    text, vision, proj = split_parts(source)
+    raw = source.checkpoint.tensors
+    refs = {}
+    for name, ref in text.items():
+        refs[("model.language_model." + name[len("model."):]) if name.startswith("model.") else name] = ref
+    tower = model.model.vision_tower
+    inner = "vision_model." if hasattr(tower, "vision_model") else ""
+    for name, ref in vision.items():
+        refs["model.vision_tower." + inner + name] = ref
+    if "model.mm_projector.weight" in raw:  # LLaVA v1: the checkpoint's nn.Linear, not the GGUF's GELU pair
+        w = raw["model.mm_projector.weight"]
+        model.model.multi_modal_projector = torch.nn.Linear(w.shape[1], w.shape[0], dtype=dtype)
+        refs["model.multi_modal_projector.weight"] = w
+        refs["model.multi_modal_projector.bias"] = raw["model.mm_projector.bias"]
+    else:
+        for name, ref in proj.items():
+            idx, kind = name.split(".")
+            refs[f"model.multi_modal_projector.linear_{1 if idx == '0' else 2}.{kind}"] = ref
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            ref = refs.get(name)
+            if ref is None:
+                if "post_layernorm" in name:
+                    continue  # not used by LLaVA (features come from an inner layer)
+                raise LlavaGgufError(f"the reference model's {name} has no tensor in the checkpoint",
+                                     "the checkpoint is incomplete")
+            param.copy_(torch.from_numpy(np.ascontiguousarray(ref.read())).to(dtype).reshape(param.shape))
+    return model.eval()
+
+
+def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = None, clip: Path | str | None = None,
+           llm: Path | str | None = None, mmproj: Path | str | None = None, tokens: int = 16,
+           runtime: str = "fixed", min_cosine: float | None = None, min_top1: float | None = None,
+           threads: int | None = None) -> VerifyReport:
+    if runtime not in ("fixed", "stock"):
+        raise LlavaGgufError(f"--runtime {runtime!r}: choose fixed or stock")
+    from .runtime.native import ENV_MTMD_VARIANT
+
+    os.environ[ENV_MTMD_VARIANT] = runtime  # read when the native libraries load, below
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes are not ours
+    import torch
+    from transformers import AutoTokenizer
+
+    from .convert import open_llava
+    from .runtime.images import load_image
+    from .runtime.locate import locate_pair
+    from .runtime.model import LLaVA, read_gguf_info
+
+    source = open_llava(src, clip)
+    llm_path, mm_path = locate_pair(Path(outdir), llm, mmproj)
+    size = int(source.vision_hp["image_size"])
+    if images is not None:
+        folder = Path(images)
+        if not folder.is_dir():
+            raise LlavaGgufError(f"--images {folder} is not a directory")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise LlavaGgufError(f"--images {folder} holds no files")
+        pics = [square_image(load_image(str(p)), size) for p in files]
+        names = [p.name for p in files]
+    else:
+        pics = sample_images(size)
+        names = [f"sample-{i}" for i in range(len(pics))]
+
+    info = read_gguf_info(mm_path, "mmproj")
+    if info.image_size is not None and info.image_size != size:
+        raise LlavaGgufError(f"the mmproj takes {info.image_size} px images, the checkpoint {size} px",
+                             "is OUTDIR converted from SRC?")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    params = source.checkpoint.total_bytes // 2  # ~parameters (f16/bf16 checkpoints)
+    fp32_fits = params * 4 * 1.3 < _available_memory()
+    dtype = torch.float32 if fp32_fits else torch.bfloat16
+    model = build_reference(source, dtype)
+    tok = AutoTokenizer.from_pretrained(str(source.checkpoint.path))
+    before = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode("USER: ", add_special_tokens=False)
+    after = tok.encode(f"\n{PROMPT} ASSISTANT:", add_special_tokens=False)
+
+    quantized_llm = not llm_path.stem.upper().endswith(("F32", "F16", "BF16"))
+    quantized_mm = not mm_path.stem.upper().endswith(("F32", "F16", "BF16"))
+    thresholds = {"cosine": min_cosine if min_cosine is not None else (0.99 if quantized_mm else 0.999),
+                  "top1": min_top1 if min_top1 is not None else (0.80 if quantized_llm else 0.95)}
+    report = VerifyReport(str(src), str(llm_path), str(mm_path), runtime,
+                          "float32" if dtype == torch.float32 else "bfloat16", names, tokens, thresholds=thresholds)
+    cosines, kls, top1, same = [], [], [], 0
+    from .reference import image_features, mean_cosine
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    proc = CLIPImageProcessorPil.from_pretrained(str(source.image_config_dir))
+    with LLaVA(llm_path, mm_path, n_threads=threads) as m:
+        for img in pics:
+            pixels = proc(images=img, return_tensors="pt")["pixel_values"].to(dtype)
+            ref = image_features(model, pixels)
+            emb = m.embed_image(img)
+            if emb.shape != ref.shape:
+                raise LlavaGgufError(f"the GGUF pair gives {emb.shape[0]} image rows of {emb.shape[1]}, transformers "
+                                     f"{ref.shape[0]} of {ref.shape[1]}", "is OUTDIR converted from SRC?")
+            a, b = emb.astype(np.float64), ref.astype(np.float64)
+            per = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+            cosines.append(per)
+            # transformers' greedy answer, then its logits along it (teacher-forced)
+            ids = before + [model.config.image_token_id] * ref.shape[0] + after
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids]), pixel_values=pixels, use_cache=True)
+                greedy, logits_hf = [], [out.logits[0, -1].float().numpy()]
+                for _ in range(tokens):
+                    nxt = int(np.argmax(logits_hf[-1]))
+                    greedy.append(nxt)
+                    if nxt == tok.eos_token_id or len(greedy) == tokens:
+                        break
+                    out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+                    logits_hf.append(out.logits[0, -1].float().numpy())
+            m.reset()
+            m.eval_tokens(before)
+            m.eval_image(img)
+            m.eval_tokens(after)
+            ours = [m.last_logits().astype(np.float64)]
+            for t in greedy[:-1]:
+                m.eval_tokens([t])
+                ours.append(m.last_logits().astype(np.float64))
+            for p_logits, q_logits in zip(logits_hf, ours):
+                n = min(len(p_logits), len(q_logits))
+                lp = _log_softmax(p_logits[:n].astype(np.float64))
+                lq = _log_softmax(q_logits[:n])
+                kls.append(float(np.sum(np.exp(lp) * (lp - lq))))
+                top1.append(int(np.argmax(lp)) == int(np.argmax(lq)))
+            # our own greedy answer
+            m.reset()
+            m.eval_tokens(before)
+            m.eval_image(img)
+            m.eval_tokens(after)
+            mine = []
+            for _ in range(len(greedy)):
+                nxt = int(np.argmax(m.last_logits()))
+                mine.append(nxt)
+                if len(mine) < len(greedy):
+                    m.eval_tokens([nxt])
+            same += mine == greedy
+    allc = np.concatenate(cosines)
+    report.cosine_mean, report.cosine_min = float(allc.mean()), float(allc.min())
+    report.kl_mean, report.kl_max = float(np.mean(kls)), float(np.max(kls))
+    report.top1 = float(np.mean(top1))
+    report.greedy_identical = same
+    if report.cosine_mean < thresholds["cosine"]:
+        report.failures.append(f"image-embedding cosine {report.cosine_mean:.6f} < {thresholds['cosine']}")
+    if report.top1 < thresholds["top1"]:
+        report.failures.append(f"top-1 agreement {report.top1:.3f} < {thresholds['top1']}")
+    report.passed = not report.failures
+    return report
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
