@@ -66,20 +66,24 @@ def _field_types(reader, key: str) -> list:
 
 
 def mmproj_layers(meta: dict, tensor_names: list[str]) -> dict:
-    """How many vision blocks the file stores, declares, and how many libmtmd's llava graph runs."""
+    """How many vision blocks the file stores, declares, and how many libmtmd's llava graph runs
+    (models/llava.cpp: up to the deepest feature layer; with none, or only negative ones, "the second to
+    last layer", block_count - 1)."""
     import re
 
     stored = sorted({int(m[1]) for n in tensor_names if (m := re.match(r"^v\.blk\.(\d+)\.", n))})
     declared = meta.get("clip.vision.block_count")
     feature = meta.get(FEATURE_LAYER_KEY)
     feature = feature if isinstance(feature, list) else ([feature] if isinstance(feature, int) else None)
-    if feature:
-        runs = max(feature)
+    deepest = max(feature) if feature else -1
+    if deepest >= 0:
+        runs = deepest
     elif isinstance(declared, int):
-        runs = declared - 1  # models/llava.cpp: without feature layers, "the second to last layer"
+        runs = declared - 1
     else:
         runs = None
-    return {"stored_blocks": len(stored), "block_count": declared, "feature_layer": feature, "layers_run": runs}
+    return {"stored_blocks": len(stored), "block_count": declared, "feature_layer": feature, "layers_run": runs,
+            "_stored": stored}
 
 
 def mmproj_defects(reader, meta: dict, tensor_names: list[str]) -> list[Defect]:
@@ -91,28 +95,34 @@ def mmproj_defects(reader, meta: dict, tensor_names: list[str]) -> list[Defect]:
     n_stored, declared = layers["stored_blocks"], layers["block_count"]
     out: list[Defect] = []
     types = _field_types(reader, FEATURE_LAYER_KEY)
+    feature = layers["feature_layer"]
     if not types:
         out.append(Defect(
             "feature-layer-missing",
             f"no {FEATURE_LAYER_KEY}: libmtmd runs {layers['layers_run']} of the {declared} stored vision layers "
-            "(upstream llama.cpp #25817); llama.cpp's legacy LLaVA route already left out the last layer, so the "
-            "features come one layer too early",
+            "(upstream llama.cpp #25817); a file from llama.cpp's legacy LLaVA route, which already left out the "
+            "last layer, then gets its features one layer too early",
             repairable=isinstance(declared, int) and declared >= 1))
     elif types[0] != gguf.GGUFValueType.ARRAY or types[-1] != gguf.GGUFValueType.INT32:
         kind = types[0].name if types[0] != gguf.GGUFValueType.ARRAY else f"ARRAY of {types[-1].name}"
         out.append(Defect("feature-layer-type",
                           f"{FEATURE_LAYER_KEY} is stored as {kind}; clip.cpp reads only an INT32 array and refuses "
-                          "to load the file", repairable=True))
-    feature = layers["feature_layer"]
+                          "to load the file", repairable=bool(feature) and min(feature) >= 0))
+    if types and (not feature or max(feature) < 0):
+        out.append(Defect("feature-layer-unset",
+                          f"{FEATURE_LAYER_KEY} is {feature}: clip.cpp takes negative or no values as unset and runs "
+                          f"{layers['layers_run']} of the {declared} layers; `llava-gguf repair --feature-layer N` "
+                          "writes the non-negative index (HF's -2 of an n-layer tower is n - 1)", repairable=False))
     if feature and isinstance(declared, int) and max(feature) > declared:
         out.append(Defect("feature-layer-out-of-range",
                           f"{FEATURE_LAYER_KEY} {feature} is beyond clip.vision.block_count {declared}: libmtmd "
                           "refuses to load the file", repairable=False))
-    needed = layers["layers_run"]
-    if isinstance(needed, int) and n_stored < needed:
-        out.append(Defect("blocks-missing",
-                          f"libmtmd runs {needed} vision layers but the file stores {n_stored}: it cannot load",
-                          repairable=False))
+    if isinstance(declared, int):
+        absent = sorted(set(range(declared)) - set(layers["_stored"]))
+        if absent:
+            out.append(Defect("blocks-missing",
+                              f"clip.vision.block_count is {declared} but block(s) {absent[:5]} are not stored: "
+                              "libmtmd cannot load the file", repairable=False))
     if "v.post_ln.weight" in tensor_names:
         out.append(Defect("post-layernorm",
                           "v.post_ln is stored: the llava graph applies CLIP's post-layernorm to the image "
@@ -159,7 +169,7 @@ def inspect_gguf(path: Path) -> dict:
             "image_tokens": (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch else None,
             "projection_dim": meta.get("clip.vision.projection_dim"),
             "anyres": "clip.vision.image_grid_pinpoints" in meta,
-            **mmproj_layers(meta, names),
+            **{k: v for k, v in mmproj_layers(meta, names).items() if not k.startswith("_")},
         })
         report["defects"] = [asdict(d) for d in mmproj_defects(reader, meta, names)]
     else:
@@ -181,13 +191,13 @@ def inspect_gguf(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ checkpoint
 def inspect_checkpoint(src: Path, clip: Path | str | None = None) -> dict:
-    from .convert import open_llava, output_names, split_parts
+    from .convert import _split, open_llava, output_names
     from .convert.mmproj import feature_layer_index
 
     source = open_llava(src, clip)
     ck, family, layout = source.checkpoint, source.family, source.layout
     root, text_hp, vision_hp = source.root, source.text_hp, source.vision_hp
-    text, vision, proj = split_parts(source)
+    text, vision, proj = _split(ck, layout)  # as stored (before a family's projector rewrite)
 
     def count(refs) -> int:
         total = 0

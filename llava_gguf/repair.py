@@ -9,6 +9,7 @@
 Tensors are copied byte for byte (any type, quantized included); the metadata is copied key by key."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +38,18 @@ def repair_mmproj(src: Path | str, out: Path | str | None = None, *, force: bool
         raise LlavaGgufError(f"{src} is a language model ({report['architecture']}), not an mmproj",
                              "repair fixes mmproj (vision tower + projector) files")
     defects = report["defects"]
+    settable = ("feature-layer-missing", "feature-layer-unset", "feature-layer-type")
+    if feature_layer is not None:  # an explicit layer repairs an absent, unset or mistyped one
+        defects = [{**d, "repairable": True} if d["code"] in settable else d for d in defects]
+        if not any(d["code"] in settable for d in defects):
+            raise LlavaGgufError(f"{src} already has a usable {FEATURE_LAYER_KEY} "
+                                 f"({report['feature_layer']})", "--feature-layer applies to files without one")
     broken = [d for d in defects if not d["repairable"]]
     if broken:
         raise LlavaGgufError(f"{src} cannot be repaired: {broken[0]['message']}",
                              "convert the checkpoint again with `llava-gguf convert`")
     if not defects:
         return RepairResult(src, None, ())
-    if feature_layer is not None and not any(d["code"] == "feature-layer-missing" for d in defects):
-        raise LlavaGgufError(f"{src} already has {FEATURE_LAYER_KEY}", "--feature-layer applies to files without one")
     target = Path(out) if out is not None else src
     if target.is_dir():
         target = target / src.name
@@ -54,12 +59,13 @@ def repair_mmproj(src: Path | str, out: Path | str | None = None, *, force: bool
     set_kv: dict[str, list[int]] = {}
     drop: set[str] = set()
     for d in defects:
-        if d["code"] == "feature-layer-missing":
-            layer = int(report["block_count"]) if feature_layer is None else feature_layer
-            if not 1 <= layer <= report["stored_blocks"]:
-                raise LlavaGgufError(f"--feature-layer {layer} is out of range: the file stores "
+        if feature_layer is not None and d["code"] in settable:
+            if not 1 <= feature_layer <= report["stored_blocks"]:
+                raise LlavaGgufError(f"--feature-layer {feature_layer} is out of range: the file stores "
                                      f"{report['stored_blocks']} vision layers")
-            set_kv[FEATURE_LAYER_KEY] = [layer]
+            set_kv[FEATURE_LAYER_KEY] = [feature_layer]
+        elif d["code"] == "feature-layer-missing":
+            set_kv[FEATURE_LAYER_KEY] = [int(report["block_count"])]
         elif d["code"] == "feature-layer-type":
             value = reader.fields[FEATURE_LAYER_KEY].contents()
             set_kv[FEATURE_LAYER_KEY] = [int(v) for v in (value if isinstance(value, list) else [value])]
@@ -72,6 +78,7 @@ def repair_mmproj(src: Path | str, out: Path | str | None = None, *, force: bool
         partial = outputs.partials[0]
         try:
             _rewrite(reader, partial, set_kv, drop)
+            os.chmod(partial, src.stat().st_mode & 0o7777)  # the file keeps its permissions
         except OSError as e:
             raise LlavaGgufError(f"writing {target} failed: {e.strerror or e}") from None
         after = inspect_gguf(partial)

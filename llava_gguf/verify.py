@@ -139,6 +139,11 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
         raise LlavaGgufError(f"--runtime {runtime!r}: choose fixed or stock")
     from .runtime.native import ENV_MTMD_VARIANT
 
+    import sys
+
+    if "llama_cpp" in sys.modules and os.environ.get(ENV_MTMD_VARIANT, "fixed") != runtime:
+        raise LlavaGgufError(f"this process already loaded the {os.environ.get(ENV_MTMD_VARIANT, 'fixed')} libmtmd",
+                             f"run --runtime {runtime} in a new process")
     os.environ[ENV_MTMD_VARIANT] = runtime  # read when the native libraries load, below
     import warnings
 
@@ -175,15 +180,15 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
 
     hf_logging.disable_progress_bar()
     params = source.checkpoint.total_bytes // 2  # ~parameters (f16/bf16 checkpoints)
-    fp32_fits = params * 4 * 1.3 < _available_memory()
+    gguf_bytes = llm_path.stat().st_size + mm_path.stat().st_size  # loaded at the same time
+    fp32_fits = params * 4 * 1.3 + gguf_bytes < _available_memory()
     dtype = torch.float32 if fp32_fits else torch.bfloat16
     model = build_reference(source, dtype)
     tok = AutoTokenizer.from_pretrained(str(source.checkpoint.path))
     before = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode("USER: ", add_special_tokens=False)
     after = tok.encode(f"\n{PROMPT} ASSISTANT:", add_special_tokens=False)
 
-    quantized_llm = not llm_path.stem.upper().endswith(("F32", "F16", "BF16"))
-    quantized_mm = not mm_path.stem.upper().endswith(("F32", "F16", "BF16"))
+    quantized_llm, quantized_mm = _quantized(llm_path), _quantized(mm_path)
     thresholds = {"cosine": min_cosine if min_cosine is not None else (0.99 if quantized_mm else 0.999),
                   "top1": min_top1 if min_top1 is not None else (0.80 if quantized_llm else 0.95)}
     report = VerifyReport(str(src), str(llm_path), str(mm_path), runtime,
@@ -192,7 +197,13 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
     from .reference import image_features, mean_cosine
     from transformers.models.clip import CLIPImageProcessorPil
 
-    proc = CLIPImageProcessorPil.from_pretrained(str(source.image_config_dir))
+    from .convert.mmproj import image_norm
+
+    # the images are square at the tower's size already: only rescaling and normalising remain, with the
+    # mean/std the converter wrote (CLIP's when the checkpoint has no preprocessor_config.json)
+    mean, std = image_norm(source.image_config_dir)
+    proc = CLIPImageProcessorPil(do_resize=False, do_center_crop=False, do_rescale=True, do_normalize=True,
+                                 image_mean=list(mean), image_std=list(std), do_convert_rgb=True)
     with LLaVA(llm_path, mm_path, n_threads=threads) as m:
         for img in pics:
             pixels = proc(images=img, return_tensors="pt")["pixel_values"].to(dtype)
@@ -253,6 +264,19 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
         report.failures.append(f"top-1 agreement {report.top1:.3f} < {thresholds['top1']}")
     report.passed = not report.failures
     return report
+
+
+def _quantized(path: Path) -> bool:
+    """A GGUF whose tensors are quantized (by general.file_type: anything but F32, F16, BF16)."""
+    import gguf
+
+    from .runtime.model import open_gguf
+
+    f = open_gguf(path, "GGUF file").fields.get("general.file_type")
+    if f is None:
+        return not path.stem.upper().endswith(("F32", "F16", "BF16"))
+    return int(f.contents()) not in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16,
+                                     gguf.LlamaFileType.MOSTLY_BF16)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

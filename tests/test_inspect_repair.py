@@ -167,6 +167,20 @@ def test_post_layernorm_and_key_type_repaired(tiny, converted, tmp_path):
     assert r["defects"] == [] and "v.post_ln.weight" not in [t.name for t in gguf.GGUFReader(with_post).tensors]
     assert _cosine(llm, with_post, ckpt, image) >= 0.9999
 
+    # HF's raw negative index: clip.cpp takes it as unset (runs block_count - 1); only an explicit layer fixes it
+    negative = rewrite(mmproj, tmp_path / "mmproj-negative.gguf",
+                       set_keys={FEATURE: ([-2], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32)})
+    r = _json(run_cli("inspect", str(negative), "--json"))
+    assert [d["code"] for d in r["defects"]] == ["feature-layer-unset"] and r["layers_run"] == 1
+    assert _cosine(llm, negative, ckpt, image) < 0.99
+    p = run_cli("repair", str(negative))
+    assert p.returncode == 1 and "cannot be repaired" in p.stderr and "--feature-layer" in p.stderr
+    negative.chmod(0o640)
+    assert run_cli("repair", str(negative), "--feature-layer", "2").returncode == 0
+    assert _json(run_cli("inspect", str(negative), "--json"))["defects"] == []
+    assert _cosine(llm, negative, ckpt, image) >= 0.9999
+    assert negative.stat().st_mode & 0o777 == 0o640  # rewritten in place, permissions kept
+
     scalar = rewrite(mmproj, tmp_path / "mmproj-scalar.gguf",
                      set_keys={FEATURE: (2, gguf.GGUFValueType.UINT32, None)})
     p = run_cli("inspect", str(scalar), "--json")
@@ -198,11 +212,20 @@ def test_bad_input(tiny, converted, tmp_path):
         p = run_cli(*args)
         assert p.returncode == 1, (args, p.stdout)
         assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, args
+    # block_count promising a layer that is not stored: clip.cpp cannot load it, repair cannot fix it
+    short = rewrite(legacy, tmp_path / "mmproj-short.gguf",
+                    set_keys={"clip.vision.block_count": (3, gguf.GGUFValueType.UINT32, None)})
+    p = run_cli("repair", str(short))
+    assert p.returncode == 1 and "cannot be repaired" in p.stderr and "block(s) [2] are not stored" in p.stderr
     r = _json(run_cli("inspect", str(beyond), "--json"))
-    assert {d["code"] for d in r["defects"]} == {"feature-layer-out-of-range", "blocks-missing"}
-    assert not any(d["repairable"] for d in r["defects"])
+    assert [d["code"] for d in r["defects"]] == ["feature-layer-out-of-range"] and not r["defects"][0]["repairable"]
+    r = _json(run_cli("inspect", str(short), "--json"))
+    assert [d["code"] for d in r["defects"]] == ["feature-layer-missing", "blocks-missing"]
+    # --feature-layer on a file that needs none
+    p = run_cli("repair", str(mmproj), "--feature-layer", "1")
+    assert p.returncode == 1 and "already has a usable" in p.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["garbage.gguf", "mmproj-beyond.gguf",
-                                                                 "mmproj-legacy.gguf"])
+                                                                 "mmproj-legacy.gguf", "mmproj-short.gguf"])
     # --feature-layer: the layer written to a file without one
     copy = shutil.copy(legacy, tmp_path / "mmproj-one.gguf")
     assert run_cli("repair", str(copy), "--feature-layer", "1").returncode == 0

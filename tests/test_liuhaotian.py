@@ -114,6 +114,10 @@ def test_liuhaotian_bad_input(tiny, tmp_path):
         bad = shutil.copytree(lh, tmp_path / f"bad-{len(list(tmp_path.iterdir()))}")
         _edit(bad, **changes)
         assert_clean_failure(run_cli("convert", str(bad), "--clip", clip, "-o", str(out)), out, *words)
+    # the tower's weights inside the checkpoint, its configuration nowhere
+    inside = make_tiny_liuhaotian(hf, tmp_path / "inside", None, weights_format="safetensors", with_tower=True)
+    p = run_cli("convert", str(inside), "-o", str(out), env={"HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+    assert_clean_failure(p, out, "carries its vision tower's weights but not its configuration", "--clip")
     # a .bin that holds more than tensors
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -40,6 +40,7 @@ def test_verify_original_layout_v1(tiny, tmp_path):
     hf = tiny(dtype="float16")
     lh = make_tiny_liuhaotian(hf, tmp_path / "llava-v1", tmp_path / "clip", weights_format="safetensors",
                               linear_projector=True)
+    (tmp_path / "clip" / "preprocessor_config.json").unlink()  # as CLIPVisionModel.save_pretrained leaves it
     out = tmp_path / "out"
     assert run_cli("convert", str(lh), "--clip", str(tmp_path / "clip"), "-o", str(out)).returncode == 0
     p = run_cli("verify", str(lh), str(out), "--clip", str(tmp_path / "clip"), "--tokens", "8", "--json")

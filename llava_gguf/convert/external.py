@@ -16,8 +16,9 @@ _TOWER_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
 
 def hf_cache_dirs() -> list[Path]:
     """Where huggingface_hub keeps downloads: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return [Path(os.environ["HF_HUB_CACHE"])]
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return [Path(os.environ[var])]
     home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
     return [home / "hub"]
 
@@ -38,7 +39,7 @@ def cached_snapshot(repo: str) -> Path | None:
     return None
 
 
-def find_clip(config: dict, clip: Path | None) -> Path:
+def find_clip(config: dict, clip: Path | None, has_tower: bool = False) -> Path:
     if clip is not None:
         clip = Path(clip)
         if not clip.is_dir():
@@ -51,6 +52,11 @@ def find_clip(config: dict, clip: Path | None) -> Path:
     if Path(name).is_dir():
         return Path(name)
     snapshot = cached_snapshot(name)
+    if snapshot is None and has_tower:
+        raise LlavaGgufError(f"the checkpoint carries its vision tower's weights but not its configuration, which comes "
+                             f"from {name} (mm_vision_tower), not found in the Hugging Face cache",
+                             f"pass {name}'s directory with --clip DIR (its config.json and preprocessor_config.json "
+                             "are what is read; the weights used are the checkpoint's)")
     if snapshot is None:
         where = " or ".join(str(c / ("models--" + name.replace("/", "--"))) for c in hf_cache_dirs())
         raise LlavaGgufError(f"the vision tower {name} (mm_vision_tower) is not in this checkpoint nor in the Hugging "
@@ -63,7 +69,8 @@ def attach_vision(ck: Checkpoint, family: Family, clip: Path | None) -> tuple[Ch
     stands for, the directory holding the image pre-processing config)."""
     assert family.llava_config is not None
     prefix = family.layouts[0].vision
-    clip_dir = find_clip(ck.config, clip)
+    has_tower = any(n.startswith(prefix) for n in ck.tensors)
+    clip_dir = find_clip(ck.config, clip, has_tower)
     clip_ck = read_checkpoint(clip_dir)
     cfg = clip_ck.config
     archs = cfg.get("architectures") or []
@@ -71,7 +78,6 @@ def attach_vision(ck: Checkpoint, family: Family, clip: Path | None) -> tuple[Ch
         raise LlavaGgufError(f"{clip_dir} is not a CLIP checkpoint (model_type {cfg.get('model_type')!r})",
                              "--clip takes a CLIPModel or CLIPVisionModel directory, e.g. openai/clip-vit-large-patch14-336")
     tensors = dict(ck.tensors)
-    has_tower = any(n.startswith(prefix) for n in tensors)
     if not has_tower:
         from dataclasses import replace
 
