@@ -44,6 +44,8 @@ def fixtures(work: Path) -> list[tuple[str, Path, list[str]]]:
     out.append(("bakllava (Mistral), llava-hf transformers<4.52",
                 make_tiny_llava(work / "bak", TinySpec(layout="transformers<4.52", dtype="float16", text_model="mistral")),
                 []))
+    out.append(("llava-1.6 (anyres), llava-hf transformers-5",
+                make_tiny_llava(work / "l16", TinySpec(dtype="float16", anyres=True)), []))
     hf = make_tiny_llava(work / "base", TinySpec(dtype="float16"))
     out.append(("llava-original (liuhaotian), sharded .bin + CLIPModel",
                 make_tiny_liuhaotian(hf, work / "lh", work / "clip-full", clip_kind="full", weights_format="bin",
@@ -97,7 +99,7 @@ def main() -> None:
     body = ("The shipped shapes-llava (a trained model, `llava_gguf/data/shapes-llava`), then tiny random checkpoints\n"
             "(CLIP 3 layers, width 64, 112 px / 14; LLaMA or Mistral 2 layers, width 256) in each family's real key\n"
             "layout, converted by `llava-gguf convert` and checked by `llava-gguf verify` against transformers fp32:\n"
-            "3 built-in square images at the tower's resolution, 16 answer tokens, the same token ids on both sides.\n"
+            "3 built-in images (square at the tower's resolution; for 1.6 one square, one wide, one tall), 16 answer tokens, the same token ids on both sides.\n"
             "Random weights make a poor quantization test (no margin between their top tokens), so the Q4_K_M rows\n"
             "of the random checkpoints fall below verify's default top-1 bound; the trained model's row is the one\n"
             "that says what Q4_K_M costs. The stock row is the same F32 files through the unpatched libmtmd\n"
@@ -133,7 +135,9 @@ the report says so.
 How the path is faithful: our libmtmd is built from the llama.cpp that llama-cpp-python 0.3.36 vendors with
 one patch (`native/patches/0001-llava-cls-first.patch`: CLIP's class embedding first, upstream #25814), and
 every mmproj we write carries `clip.vision.feature_layer` with exactly the layers it needs (upstream #25817;
-`llava-gguf repair` adds it to files made elsewhere). LLaVA-1.6 (anyres) is not covered yet.
+`llava-gguf repair` adds it to files made elsewhere). LLaVA-1.6 (anyres): the runtime cuts tiles in Python
+exactly as transformers' processor does, has libmtmd encode each as a plain square image, and packs the rows
+with unpadding and image_newline as transformers does (README, "LLaVA-1.6").
 """
 
 

@@ -42,6 +42,7 @@ class TinySpec:
     hidden_act: str = "quick_gelu"
     seed: int = 0
     text_model: str = "llama"  # or "mistral" (BakLLaVA)
+    anyres: bool = False  # LLaVA-1.6 (LlavaNextForConditionalGeneration), pinpoints = multiples of image_size
     logit_scale: float = 8.0  # sharpen the random LM so greedy decoding is not a coin toss
 
 
@@ -135,13 +136,26 @@ def build_model(spec: TinySpec):
                      num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
                      vocab_size=spec.vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
                      bos_token_id=1, eos_token_id=2, pad_token_id=spec.sp_vocab + 1)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=spec.sp_vocab,
-                      vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.select_strategy,
-                      projector_hidden_act="gelu", image_seq_length=(spec.image_size // spec.patch_size) ** 2)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    common = dict(vision_config=vc, text_config=tc, image_token_id=spec.sp_vocab,
+                  vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.select_strategy,
+                  projector_hidden_act="gelu", image_seq_length=(spec.image_size // spec.patch_size) ** 2)
+    if spec.anyres:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(
+            **common, image_grid_pinpoints=pinpoints(spec.image_size))).eval()
+        with torch.no_grad():  # transformers initialises it to ~0.02 noise around 0: make it matter
+            model.model.image_newline.normal_(0, 1)
+    else:
+        model = LlavaForConditionalGeneration(LlavaConfig(**common)).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(spec.logit_scale)
     return model
+
+
+def pinpoints(size: int) -> list[list[int]]:
+    """LLaVA-1.6's five grids (1x2, 2x1, 2x2, 3x1, 1x3 tiles) at the tower's resolution."""
+    return [[size, 2 * size], [2 * size, size], [2 * size, 2 * size], [3 * size, size], [size, 3 * size]]
 
 
 def _rename(name: str, layout: str) -> str:
@@ -160,6 +174,8 @@ def _rename(name: str, layout: str) -> str:
         return target.vision + rest
     if name.startswith("model.multi_modal_projector."):
         return target.projector + name[len("model.multi_modal_projector."):]
+    if name == "model.image_newline":
+        return "model.image_newline" if layout == "transformers-4.52" else "image_newline"
     raise ValueError(f"unexpected state-dict name {name}")
 
 
@@ -170,7 +186,7 @@ def save_checkpoint(model, out: Path, spec: TinySpec) -> None:
     state = {_rename(k, spec.layout): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = cfg["dtype"] = spec.dtype
-    cfg["architectures"] = ["LlavaForConditionalGeneration"]
+    cfg["architectures"] = [type(model).__name__]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     _save_state(state, out, spec)
 
@@ -182,6 +198,11 @@ def make_tiny_llava(out: Path | str, spec: TinySpec = TinySpec()) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(out, spec)
+    if spec.anyres:
+        pre = json.loads((out / "preprocessor_config.json").read_text())
+        pre.update({"image_processor_type": "LlavaNextImageProcessor", "image_grid_pinpoints": pinpoints(spec.image_size),
+                    "do_pad": True})
+        (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     save_checkpoint(build_model(spec), out, spec)
     (out / "tiny-spec.json").write_text(json.dumps(asdict(spec), indent=2))
     return out

@@ -87,6 +87,10 @@ def build_reference(source, dtype):
 
     from .convert import split_parts
 
+    if source.family.anyres:
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration.from_pretrained(str(source.checkpoint.path), dtype=dtype).eval()
     if source.family.name in ("llava-1.5", "bakllava"):
         return LlavaForConditionalGeneration.from_pretrained(str(source.checkpoint.path), dtype=dtype).eval()
     root = source.root
@@ -166,10 +170,13 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
             raise LlavaGgufError(f"--images {folder} holds no files")
-        pics = [square_image(load_image(str(p)), size) for p in files]
+        # anyres (1.6) takes any shape as it is; 1.5 gets identical square pixels on both sides
+        pics = [load_image(str(p)) if source.family.anyres else square_image(load_image(str(p)), size) for p in files]
         names = [p.name for p in files]
     else:
         pics = sample_images(size)
+        if source.family.anyres:  # tiling matters for non-square images: one wide, one tall
+            pics = [pics[0], pics[1].resize((size * 2, size)), pics[2].resize((size, size * 3 // 2))]
         names = [f"sample-{i}" for i in range(len(pics))]
 
     info = read_gguf_info(mm_path, "mmproj")
@@ -204,10 +211,29 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
     mean, std = image_norm(source.image_config_dir)
     proc = CLIPImageProcessorPil(do_resize=False, do_center_crop=False, do_rescale=True, do_normalize=True,
                                  image_mean=list(mean), image_std=list(std), do_convert_rgb=True)
+    if source.family.anyres:
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        if (source.image_config_dir / "preprocessor_config.json").is_file():
+            proc = LlavaNextImageProcessorPil.from_pretrained(str(source.image_config_dir))
+        else:
+            proc = LlavaNextImageProcessorPil(image_grid_pinpoints=source.root["image_grid_pinpoints"],
+                                              size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                              image_mean=list(mean), image_std=list(std), do_pad=True)
+
+    def reference_rows(img):
+        """(rows, model inputs for the image) from transformers."""
+        inp = proc(images=img, return_tensors="pt")
+        pixels = inp["pixel_values"].to(dtype)
+        if not source.family.anyres:
+            return image_features(model, pixels), {"pixel_values": pixels}
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=pixels, image_sizes=inp["image_sizes"])
+        rows = out.pooler_output if torch.is_tensor(out.pooler_output) else out.pooler_output[0]
+        return rows.float().numpy(), {"pixel_values": pixels, "image_sizes": inp["image_sizes"]}
     with LLaVA(llm_path, mm_path, n_threads=threads) as m:
         for img in pics:
-            pixels = proc(images=img, return_tensors="pt")["pixel_values"].to(dtype)
-            ref = image_features(model, pixels)
+            ref, image_inputs = reference_rows(img)
             emb = m.embed_image(img)
             if emb.shape != ref.shape:
                 raise LlavaGgufError(f"the GGUF pair gives {emb.shape[0]} image rows of {emb.shape[1]}, transformers "
@@ -218,7 +244,7 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
             # transformers' greedy answer, then its logits along it (teacher-forced)
             ids = before + [model.config.image_token_id] * ref.shape[0] + after
             with torch.no_grad():
-                out = model(input_ids=torch.tensor([ids]), pixel_values=pixels, use_cache=True)
+                out = model(input_ids=torch.tensor([ids]), **image_inputs, use_cache=True)
                 greedy, logits_hf = [], [out.logits[0, -1].float().numpy()]
                 for _ in range(tokens):
                     nxt = int(np.argmax(logits_hf[-1]))

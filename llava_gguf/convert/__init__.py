@@ -48,6 +48,9 @@ def split_parts(source: LlavaSource) -> tuple[dict[str, TensorRef], dict[str, Te
     text, vision, proj = _split(source.checkpoint, source.layout)
     if source.family.projector_tensors is not None:
         proj = source.family.projector_tensors(proj)
+    for name, key in source.family.extra_tensors:
+        if name in source.checkpoint.tensors:
+            proj[key] = source.checkpoint.tensors[name]
     return text, vision, proj
 
 

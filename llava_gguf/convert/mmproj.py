@@ -151,4 +151,20 @@ def build_mmproj(family: Family, cfg: dict, vcfg: dict, text_hidden: int, vision
     w.add_key_value("clip.vision.feature_layer", [feature], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
     for key, value in _act_keys(vcfg.get("hidden_act", "quick_gelu")).items():
         w.add_bool(key, value)
+    if family.anyres:
+        w.add_key_value("clip.vision.image_grid_pinpoints", grid_pinpoints(cfg, int(vcfg["image_size"])),
+                        gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+        w.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
     return gg
+
+
+def grid_pinpoints(cfg: dict, image_size: int) -> list[int]:
+    """LLaVA-1.6's image_grid_pinpoints, flattened ([[h, w], ...] -> [h, w, ...]) after checking them."""
+    pins = cfg.get("image_grid_pinpoints")
+    ok = isinstance(pins, list) and pins and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                     and v % image_size == 0 for v in p) for p in pins)
+    if not ok:
+        raise LlavaGgufError(f"image_grid_pinpoints {str(pins)[:120]} is not a list of [height, width] pairs of "
+                             f"positive multiples of the image size {image_size}", "the config is corrupt")
+    return [int(v) for p in pins for v in p]

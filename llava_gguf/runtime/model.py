@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import time
 from collections import OrderedDict
@@ -29,6 +30,7 @@ class GGUFInfo:
     context_length: int | None
     image_tokens: int | None  # mmproj only
     image_size: int | None = None  # mmproj only: the vision tower's input resolution
+    pinpoints: tuple[int, ...] | None = None  # mmproj only: LLaVA-1.6's image_grid_pinpoints (flat h, w pairs)
 
 
 def open_gguf(path: Path, what: str):
@@ -55,7 +57,9 @@ def read_gguf_info(path: Path, what: str, reader=None) -> GGUFInfo:
         n_embd = field("clip.vision.projection_dim")
         size, patch = field("clip.vision.image_size"), field("clip.vision.patch_size")
         tokens = (size // patch) ** 2 if size and patch else None
-        return GGUFInfo(path, arch, int(n_embd or 0), None, None, tokens, int(size) if size else None)
+        pins = field("clip.vision.image_grid_pinpoints")
+        return GGUFInfo(path, arch, int(n_embd or 0), None, None, tokens, int(size) if size else None,
+                        tuple(int(v) for v in pins) if pins else None)
     return GGUFInfo(path, arch, int(field(f"{arch}.embedding_length") or 0), field("tokenizer.chat_template"),
                     field(f"{arch}.context_length"), None)
 
@@ -143,6 +147,10 @@ class LLaVA:
         self.verbose = verbose
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         self.image_tokens = self.mmproj_info.image_tokens or 576
+        self._anyres = None  # LLaVA-1.6: (pinpoints, tile size, image_newline row), see anyres.py
+        if self.mmproj_info.pinpoints:
+            self._anyres = self._load_anyres()
+            self.image_tokens = self._anyres_max_rows()
         if n_ctx is None:
             n_ctx = max(2048, self.image_tokens + 1024)
             if self.llm_info.context_length:
@@ -174,6 +182,7 @@ class LLaVA:
         self._image_token = vocab[0] if len(vocab) == 1 else 0
         self._spans: list[tuple[int, int, str]] = []  # (start, n, image hash) of images in the KV cache
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._originals: dict[str, object] = {}  # anyres: hash -> image, until its rows are computed
         self._pieces: dict[int, bytes] = {}
         self.last = EvalStats()
         self._t_call = 0.0
@@ -219,11 +228,85 @@ class LLaVA:
             pass
 
     # ----------------------------------------------------------------- images
+    def _load_anyres(self):
+        from .anyres import flat_pinpoints
+
+        size = self.mmproj_info.image_size
+        reader = open_gguf(self.mmproj_path, "mmproj")
+        newline = next((t for t in reader.tensors if t.name == "model.image_newline"), None)
+        if newline is None or size is None:
+            raise LlavaGgufError(f"{self.mmproj_path} has image_grid_pinpoints but no model.image_newline",
+                                 "convert the LLaVA-1.6 checkpoint again with `llava-gguf convert`")
+        row = np.array(newline.data, dtype=np.float32).reshape(-1)
+        if row.shape[0] != self.mmproj_info.n_embd:
+            raise LlavaGgufError(f"{self.mmproj_path}: image_newline has {row.shape[0]} values, not "
+                                 f"{self.mmproj_info.n_embd}")
+        return flat_pinpoints(list(self.mmproj_info.pinpoints)), int(size), row
+
+    def _anyres_max_rows(self) -> int:
+        """The most rows one anyres image can take: base tile + the largest unpadded grid with newlines."""
+        pins, size, _ = self._anyres
+        side = int(round(math.sqrt(self.mmproj_info.image_tokens or 576)))
+        return max(side * side + (h // size) * side * ((w // size) * side + 1) for h, w in pins)
+
+    def _square_rows(self, img) -> np.ndarray:
+        """libmtmd's rows for one image at the tower's resolution (an anyres tile: it neither resizes nor
+        slices it)."""
+        mt = self._mtmd
+        data = img.tobytes()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        bmp = mt.mtmd_bitmap_init(img.width, img.height, buf)
+        if not bmp:
+            raise LlavaGgufError("libmtmd could not take the image")
+        chunks = self._tokenize_bitmaps(IMAGE_PLACEHOLDER, [bmp], add_special=False)
+        try:
+            for i in range(mt.mtmd_input_chunks_size(chunks)):
+                chunk = mt.mtmd_input_chunks_get(chunks, i)
+                if mt.mtmd_input_chunk_get_type(chunk) != mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = mt.mtmd_input_chunk_get_n_tokens(chunk)
+                    if mt.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                        raise LlavaGgufError("libmtmd failed to encode the image")
+                    ptr = mt.mtmd_get_output_embd(self._ctx)
+                    return np.ctypeslib.as_array(ptr, shape=(n * self.llm_info.n_embd,)).reshape(n, -1).copy()
+        finally:
+            mt.mtmd_input_chunks_free(chunks)
+        raise LlavaGgufError("libmtmd produced no image chunk")
+
+    def _anyres_count(self, digest: str) -> int:
+        """Positions an anyres image takes (its rows, cached or not yet computed)."""
+        cached = self._embeddings.get(digest)
+        return len(cached) if cached is not None else self._anyres_count_for(self._originals[digest])
+
+    def _anyres_rows(self, img) -> np.ndarray:
+        from .anyres import pack, tiles
+
+        pins, size, newline = self._anyres
+        base, grid, shape = tiles(img, pins, size)
+        rows = [self._square_rows(t) for t in [base] + grid]
+        packed = pack(rows[0], rows[1:], shape, (img.height, img.width), newline)
+        if len(packed) != self._anyres_count_for(img):  # pragma: no cover - count_rows mirrors pack
+            raise LlavaGgufError("internal error: anyres row count mismatch")
+        return packed
+
+    def _anyres_count_for(self, img) -> int:
+        from .anyres import count_rows
+
+        pins, size, _ = self._anyres
+        side = int(round(math.sqrt(self.mmproj_info.image_tokens or 576)))
+        return count_rows((img.height, img.width), pins, size, side)
+
     def _bitmap(self, image: ImageInput):
-        """(mtmd bitmap, content hash of the normalised pixels)."""
+        """(mtmd bitmap, content hash of the normalised pixels). For an anyres model the bitmap is only
+        the image's place in the prompt (a tile-sized stand-in libmtmd turns into one chunk): its rows are
+        computed from the image kept here (see _image_rows)."""
         img = load_image(image)
         data = img.tobytes()
         digest = content_hash(img, data)
+        if self._anyres is not None:
+            size = self._anyres[1]
+            self._originals[digest] = img
+            img = img.resize((size, size))
+            data = img.tobytes()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         bmp = self._mtmd.mtmd_bitmap_init(img.width, img.height, buf)
         if not bmp:
@@ -232,11 +315,14 @@ class LLaVA:
 
     def _tokenize(self, text: str, images: Sequence[ImageInput], add_special: bool, hashes: list | None = None):
         """mtmd chunks for `text`, whose IMAGE_PLACEHOLDERs are replaced by `images` in order."""
-        mt = self._mtmd
         loaded = [self._bitmap(im) for im in images]
-        bitmaps = [b for b, _ in loaded]
         if hashes is not None:
             hashes.extend(h for _, h in loaded)
+        return self._tokenize_bitmaps(text, [b for b, _ in loaded], add_special)
+
+    def _tokenize_bitmaps(self, text: str, bitmaps: list, add_special: bool):
+        """mtmd chunks for `text` with `bitmaps` (freed here) in its IMAGE_PLACEHOLDERs."""
+        mt = self._mtmd
         chunks = mt.mtmd_input_chunks_init()
         try:
             encoded = text.replace(IMAGE_PLACEHOLDER, self._marker).encode()
@@ -266,7 +352,9 @@ class LLaVA:
                 ptr = mt.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
                 out.append(("text", [ptr[j] for j in range(n.value)]))
             else:
-                out.append(("image", hashes[k], chunk, int(mt.mtmd_input_chunk_get_n_tokens(chunk))))
+                n = (self._anyres_count(hashes[k]) if self._anyres is not None
+                     else int(mt.mtmd_input_chunk_get_n_tokens(chunk)))
+                out.append(("image", hashes[k], chunk, n))
                 k += 1
         return out
 
@@ -274,14 +362,21 @@ class LLaVA:
         """The embedding rows of an image chunk: from the cache, or encoded now (and cached)."""
         cached = self._embeddings.get(digest)
         if cached is not None:
+            self._originals.pop(digest, None)
             self._embeddings.move_to_end(digest)
             return cached
         mt = self._mtmd
-        n = mt.mtmd_input_chunk_get_n_tokens(chunk)
-        if mt.mtmd_encode_chunk(self._ctx, chunk) != 0:
-            raise LlavaGgufError("libmtmd failed to encode the image")
-        ptr = mt.mtmd_get_output_embd(self._ctx)
-        rows = np.ctypeslib.as_array(ptr, shape=(n * self.llm_info.n_embd,)).reshape(n, -1).copy()
+        if self._anyres is not None:
+            original = self._originals.pop(digest, None)
+            if original is None:  # pragma: no cover - every anyres image is kept by _bitmap until here
+                raise LlavaGgufError("internal error: the anyres image was not kept")
+            rows = self._anyres_rows(original)
+        else:
+            n = mt.mtmd_input_chunk_get_n_tokens(chunk)
+            if mt.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                raise LlavaGgufError("libmtmd failed to encode the image")
+            ptr = mt.mtmd_get_output_embd(self._ctx)
+            rows = np.ctypeslib.as_array(ptr, shape=(n * self.llm_info.n_embd,)).reshape(n, -1).copy()
         self.last.images_encoded += 1
         self._embeddings[digest] = rows
         size = sum(v.nbytes for v in self._embeddings.values())
@@ -341,6 +436,9 @@ class LLaVA:
 
     def eval_image(self, image: ImageInput) -> None:
         """Encode `image` and decode its rows after what the context holds."""
+        if self._anyres is not None:  # libmtmd's own evaluation would use its LLaVA-UHD rows
+            self.eval_embeddings(self.embed_image(image))
+            return
         chunks = self._tokenize(IMAGE_PLACEHOLDER, [image], add_special=False)
         try:
             self.eval_chunks(chunks)
@@ -423,8 +521,11 @@ class LLaVA:
 
     def count_prompt(self, messages: list[Message], images: Sequence[ImageInput]) -> int:
         """Positions `messages` would take in the context (text tokens + image rows), without decoding."""
-        chunks, segs = self._prompt(messages, images)
+        hashes: list[str] = []
+        chunks, segs = self._prompt(messages, images, hashes)
         self._mtmd.mtmd_input_chunks_free(chunks)
+        for h in hashes:  # anyres images are kept only until they are encoded; nothing is encoded here
+            self._originals.pop(h, None)
         return sum(len(seg[1]) if seg[0] == "text" else seg[3] for seg in segs)
 
     def _piece(self, token: int) -> bytes:

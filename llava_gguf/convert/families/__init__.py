@@ -45,12 +45,15 @@ class Family:
     # projector tensors as the checkpoint has them -> the ones `projector` maps (e.g. a linear projector
     # as an exact GELU pair, see liuhaotian.py)
     projector_tensors: Callable[[dict], dict] | None = None
+    # tensors outside the layout's prefixes that go into the mmproj: checkpoint name -> key in `projector`
+    extra_tensors: tuple[tuple[str, str], ...] = ()
+    anyres: bool = False  # LLaVA-1.6: image_grid_pinpoints, image_newline (see llava16.py)
 
 
 def _registry() -> tuple[Family, ...]:
-    from . import bakllava, liuhaotian, llava15
+    from . import bakllava, liuhaotian, llava15, llava16
 
-    return (llava15.FAMILY, bakllava.FAMILY, liuhaotian.FAMILY, liuhaotian.FAMILY_MISTRAL)
+    return (llava15.FAMILY, bakllava.FAMILY, llava16.FAMILY, liuhaotian.FAMILY, liuhaotian.FAMILY_MISTRAL)
 
 
 def find_family(config: dict) -> Family:

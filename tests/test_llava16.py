@@ -1,0 +1,139 @@
+"""LLaVA-1.6 (LlavaNext, "anyres"): conversion, and image rows equal to transformers' on non-square images
+of several aspect ratios — same count, same order (base tile, unpadded tile grid, one image_newline per
+row), cosine >= 0.9999 — then the same greedy answer, through the API and a chat session."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from llava_gguf import LLaVA
+from llava_gguf.reference import mean_cosine
+from llava_gguf.tiny import sample_image
+from test_bad_input import assert_clean_failure
+from test_parity import _prompt_ids
+
+N_GREEDY = 8
+SIZES = [(112, 112), (200, 112), (112, 200), (300, 170), (90, 260), (500, 300)]  # (w, h)
+
+
+def _image(w, h):
+    return sample_image(max(w, h), seed=w + h).crop((0, 0, w, h))
+
+
+def hf_next(ckpt):
+    from transformers import LlavaNextForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    return (LlavaNextForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval(),
+            LlavaNextImageProcessorPil.from_pretrained(ckpt))
+
+
+def hf_rows(model, proc, img):
+    inp = proc(images=img, return_tensors="pt")
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"])
+    rows = out.pooler_output
+    return (rows if torch.is_tensor(rows) else rows[0]).numpy(), inp
+
+
+@pytest.mark.parametrize("layout", ["transformers<4.52", "transformers-4.52", "transformers-5"])
+def test_llava16_rows_and_answers_match_transformers(tiny, converted, layout):
+    ckpt = tiny(anyres=True, layout=layout)
+    llm, mmproj = converted(ckpt, "f32")
+    r = gguf.GGUFReader(mmproj)
+    assert r.fields["clip.vision.image_grid_pinpoints"].contents() == [112, 224, 224, 112, 224, 224, 336, 112, 112, 336]
+    assert r.fields["clip.vision.mm_patch_merge_type"].contents() == "spatial_unpad"
+    assert "model.image_newline" in [t.name for t in r.tensors]
+    model, proc = hf_next(ckpt)
+    sizes = SIZES if layout == "transformers-5" else SIZES[1:2]
+    before, after = _prompt_ids(ckpt)
+    with LLaVA(llm, mmproj, n_threads=2) as m:
+        for w, h in sizes:
+            img = _image(w, h)
+            ref, inp = hf_rows(model, proc, img)
+            rows = m.embed_image(img)
+            assert rows.shape == ref.shape, (w, h)
+            assert mean_cosine(rows, ref) >= 0.9999, (w, h)
+        # the answer: transformers greedy against ours on the same ids
+        img = _image(200, 112)
+        ref, inp = hf_rows(model, proc, img)
+        ids = before + [model.config.image_token_id] * ref.shape[0] + after
+        tokens_hf = []
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), pixel_values=inp["pixel_values"],
+                        image_sizes=inp["image_sizes"], use_cache=True)
+            first_hf = out.logits[0, -1].float().numpy()
+            for _ in range(N_GREEDY):
+                nxt = int(out.logits[0, -1].argmax())
+                tokens_hf.append(nxt)
+                out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        m.reset()
+        m.eval_tokens(before)
+        m.eval_image(img)
+        m.eval_tokens(after)
+        first = m.last_logits()
+        tokens = []
+        for _ in range(N_GREEDY):
+            nxt = int(np.argmax(m.last_logits()))
+            tokens.append(nxt)
+            m.eval_tokens([nxt])
+    assert float(np.abs(first - first_hf).max()) <= 2e-3 * float(np.abs(first_hf).max())
+    assert tokens == tokens_hf
+
+
+def test_llava16_chat_session(tiny, converted):
+    """A conversation about a non-square image: the anyres rows go through the chat path too, are cached,
+    and a follow-up reuses them."""
+    llm, mmproj = converted(tiny(anyres=True), "f16")
+    greedy = dict(temperature=0.0, max_tokens=6)
+    img = _image(300, 170)
+    with LLaVA(llm, mmproj, n_threads=2) as m:
+        s = m.chat()
+        s.ask("What is in the image?", [img], **greedy)
+        t1 = m.last
+        s.ask("And the colours?", **greedy)
+        t2 = m.last
+        rows = m.embed_image(img)
+    assert t1.images == 1 and t1.images_encoded == 1
+    assert t2.images_encoded == 0 and t2.reused_tokens >= t1.prompt_tokens
+    # the image took as many positions as its anyres rows
+    assert t1.prompt_tokens > rows.shape[0] == 234
+
+
+def test_llava16_inspect_and_bad_pinpoints(tiny, converted, tmp_path):
+    ckpt = tiny(anyres=True)
+    llm, mmproj = converted(ckpt, "f16")
+    r = json.loads(run_cli("inspect", str(ckpt), "--json").stdout.strip().splitlines()[-1])
+    assert (r["family"], r["architecture"]) == ("llava-1.6", "LlavaNextForConditionalGeneration")
+    r = json.loads(run_cli("inspect", str(mmproj), "--json").stdout.strip().splitlines()[-1])
+    assert r["anyres"] and r["defects"] == [] and r["metadata"]["clip.vision.image_grid_pinpoints"] == \
+        [112, 224, 224, 112, 224, 224, 336, 112, 112, 336]
+    import shutil
+
+    bad = shutil.copytree(ckpt, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    for pins in ([[112, 200]], [[112]], "336x672", []):
+        cfg["image_grid_pinpoints"] = pins
+        (bad / "config.json").write_text(json.dumps(cfg))
+        out = tmp_path / "out"
+        assert_clean_failure(run_cli("convert", str(bad), "-o", str(out)), out, "image_grid_pinpoints")
+
+
+def test_llava16_verify(tiny, converted, tmp_path):
+    """`verify` on a 1.6 pair: the built-in samples include a wide and a tall image; a user's image is
+    taken as it is (anyres tiles any shape)."""
+    ckpt = tiny(anyres=True)
+    llm, mmproj = converted(ckpt, "f16")
+    images = tmp_path / "images"
+    images.mkdir()
+    _image(500, 300).save(images / "wide.png")
+    for extra in ([], ["--images", str(images)]):
+        p = run_cli("verify", str(ckpt), str(llm.parent), "--tokens", "6", "--json", *extra)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        assert r["passed"] and r["cosine_min"] >= 0.9999 and r["greedy_identical"] == len(r["images"]) and r["top1"] == 1.0
