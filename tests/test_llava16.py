@@ -99,6 +99,14 @@ def test_llava16_chat_session(tiny, converted):
         s.ask("And the colours?", **greedy)
         t2 = m.last
         rows = m.embed_image(img)
+        assert len(m._originals) <= 1  # only the images of the prompt last laid out are kept
+        # an image the embedding cache has already dropped, again later in the same prompt
+        from llava_gguf.runtime.prompt import Message
+
+        m.IMAGE_CACHE_BYTES = 0
+        a, b = _image(200, 112), _image(112, 200)
+        text = "".join(m.stream_messages([Message("user", "Compare them.", n_images=3)], [a, b, a], **greedy))
+        assert m.last.images == 3 and isinstance(text, str)
     assert t1.images == 1 and t1.images_encoded == 1
     assert t2.images_encoded == 0 and t2.reused_tokens >= t1.prompt_tokens
     # the image took as many positions as its anyres rows
@@ -137,3 +145,15 @@ def test_llava16_verify(tiny, converted, tmp_path):
         assert p.returncode == 0, p.stderr
         r = json.loads(p.stdout.strip().splitlines()[-1])
         assert r["passed"] and r["cosine_min"] >= 0.9999 and r["greedy_identical"] == len(r["images"]) and r["top1"] == 1.0
+
+
+def test_llava16_imatrix_images_refused(tiny, converted, tmp_path):
+    """llama-imatrix would feed libmtmd's own 1.6 tiling: refused with one line, nothing written."""
+    llm, mmproj = converted(tiny(anyres=True), "f16")
+    images = tmp_path / "images"
+    images.mkdir()
+    _image(200, 112).save(images / "a.png")
+    out = tmp_path / "imatrix.gguf"
+    p = run_cli("imatrix", str(llm), "-o", str(out), "--images", str(images))
+    assert p.returncode == 1 and "not supported for LLaVA-1.6" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()

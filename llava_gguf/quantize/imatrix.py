@@ -270,6 +270,10 @@ def _image_calibration(info, images: Path | str, mmproj: Path | str | None, voca
     if mm_kind.kind != "mmproj":
         raise LlavaGgufError(f"--mmproj {mm} is a language model, not an mmproj file")
     mm_info = mm_kind.info
+    if getattr(mm_info, "pinpoints", None):
+        raise LlavaGgufError("--images is not supported for LLaVA-1.6 (anyres) models yet: llama-imatrix would "
+                             "feed libmtmd's own tiling, not the rows the model was trained on",
+                             "calibrate on text (leave out --images)")
     if mm_info.n_embd != info.n_embd:
         raise LlavaGgufError(f"the mmproj projects to width {mm_info.n_embd} but the language model's is {info.n_embd}",
                              "these two files are not a pair")

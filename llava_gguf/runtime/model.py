@@ -182,7 +182,7 @@ class LLaVA:
         self._image_token = vocab[0] if len(vocab) == 1 else 0
         self._spans: list[tuple[int, int, str]] = []  # (start, n, image hash) of images in the KV cache
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._originals: dict[str, object] = {}  # anyres: hash -> image, until its rows are computed
+        self._originals: dict[str, object] = {}  # anyres: hash -> image of the prompt being laid out
         self._pieces: dict[int, bytes] = {}
         self.last = EvalStats()
         self._t_call = 0.0
@@ -208,6 +208,7 @@ class LLaVA:
     def close(self) -> None:
         if getattr(self, "_embeddings", None) is not None:
             self._embeddings.clear()
+        self._originals = {}
         if getattr(self, "_ctx", None):
             self._mtmd.mtmd_free(self._ctx)
             self._ctx = None
@@ -241,7 +242,11 @@ class LLaVA:
         if row.shape[0] != self.mmproj_info.n_embd:
             raise LlavaGgufError(f"{self.mmproj_path}: image_newline has {row.shape[0]} values, not "
                                  f"{self.mmproj_info.n_embd}")
-        return flat_pinpoints(list(self.mmproj_info.pinpoints)), int(size), row
+        values = list(self.mmproj_info.pinpoints)
+        if len(values) % 2 or not all(v > 0 and v % size == 0 for v in values):
+            raise LlavaGgufError(f"{self.mmproj_path}: image_grid_pinpoints {values[:10]} are not pairs of positive "
+                                 f"multiples of the image size {size}", "convert the checkpoint again")
+        return flat_pinpoints(values), int(size), row
 
     def _anyres_max_rows(self) -> int:
         """The most rows one anyres image can take: base tile + the largest unpadded grid with newlines."""
@@ -303,9 +308,11 @@ class LLaVA:
         data = img.tobytes()
         digest = content_hash(img, data)
         if self._anyres is not None:
+            from PIL import Image
+
             size = self._anyres[1]
             self._originals[digest] = img
-            img = img.resize((size, size))
+            img = Image.new("RGB", (size, size))  # a stand-in: its pixels are never used
             data = img.tobytes()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         bmp = self._mtmd.mtmd_bitmap_init(img.width, img.height, buf)
@@ -315,6 +322,8 @@ class LLaVA:
 
     def _tokenize(self, text: str, images: Sequence[ImageInput], add_special: bool, hashes: list | None = None):
         """mtmd chunks for `text`, whose IMAGE_PLACEHOLDERs are replaced by `images` in order."""
+        if self._anyres is not None:
+            self._originals = {}  # this prompt's images, until the next prompt (rows are computed from them)
         loaded = [self._bitmap(im) for im in images]
         if hashes is not None:
             hashes.extend(h for _, h in loaded)
@@ -362,12 +371,11 @@ class LLaVA:
         """The embedding rows of an image chunk: from the cache, or encoded now (and cached)."""
         cached = self._embeddings.get(digest)
         if cached is not None:
-            self._originals.pop(digest, None)
             self._embeddings.move_to_end(digest)
             return cached
         mt = self._mtmd
         if self._anyres is not None:
-            original = self._originals.pop(digest, None)
+            original = self._originals.get(digest)
             if original is None:  # pragma: no cover - every anyres image is kept by _bitmap until here
                 raise LlavaGgufError("internal error: the anyres image was not kept")
             rows = self._anyres_rows(original)
@@ -521,11 +529,8 @@ class LLaVA:
 
     def count_prompt(self, messages: list[Message], images: Sequence[ImageInput]) -> int:
         """Positions `messages` would take in the context (text tokens + image rows), without decoding."""
-        hashes: list[str] = []
-        chunks, segs = self._prompt(messages, images, hashes)
+        chunks, segs = self._prompt(messages, images)
         self._mtmd.mtmd_input_chunks_free(chunks)
-        for h in hashes:  # anyres images are kept only until they are encoded; nothing is encoded here
-            self._originals.pop(h, None)
         return sum(len(seg[1]) if seg[0] == "text" else seg[3] for seg in segs)
 
     def _piece(self, token: int) -> bytes:
