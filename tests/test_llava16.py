@@ -41,9 +41,11 @@ def hf_rows(model, proc, img):
     return (rows if torch.is_tensor(rows) else rows[0]).numpy(), inp
 
 
-@pytest.mark.parametrize("layout", ["transformers<4.52", "transformers-4.52", "transformers-5"])
-def test_llava16_rows_and_answers_match_transformers(tiny, converted, layout):
-    ckpt = tiny(anyres=True, layout=layout)
+@pytest.mark.parametrize("layout,text_model", [("transformers<4.52", "llama"), ("transformers-4.52", "llama"),
+                                               ("transformers-5", "llama"), ("transformers<4.52", "mistral")])
+def test_llava16_rows_and_answers_match_transformers(tiny, converted, layout, text_model):
+    """Vicuna (LLaMA) in every layout, and llava-v1.6-mistral's Mistral text model."""
+    ckpt = tiny(anyres=True, layout=layout, text_model=text_model)
     llm, mmproj = converted(ckpt, "f32")
     r = gguf.GGUFReader(mmproj)
     assert r.fields["clip.vision.image_grid_pinpoints"].contents() == [112, 224, 224, 112, 224, 224, 336, 112, 112, 336]
