@@ -42,6 +42,8 @@ class TinySpec:
     hidden_act: str = "quick_gelu"
     seed: int = 0
     text_model: str = "llama"  # or "mistral" (BakLLaVA)
+    tokenizer: str = "sentencepiece"  # "chatml": + <|im_start|>/<|im_end|> and Yi-34B's ChatML template;
+    # "llama3": a byte-level BPE with LLaMA-3's pre-tokenizer, special tokens and template
     anyres: bool = False  # LLaVA-1.6 (LlavaNextForConditionalGeneration), pinpoints = multiples of image_size
     logit_scale: float = 8.0  # sharpen the random LM so greedy decoding is not a coin toss
 
@@ -69,11 +71,75 @@ def _train_tokenizer(corpus: list[str], sp_vocab: int) -> bytes:
 
 
 def _write_tokenizer(out: Path, spec: TinySpec) -> None:
-    n = write_tokenizer(out, _corpus(spec.seed), sp_vocab=spec.sp_vocab, image_size=spec.image_size)
+    if spec.tokenizer == "llama3":
+        write_llama3_tokenizer(out, _corpus(spec.seed), n_vocab=spec.sp_vocab, image_size=spec.image_size)
+        return
+    n = write_tokenizer(out, _corpus(spec.seed), sp_vocab=spec.sp_vocab, image_size=spec.image_size,
+                        chatml=spec.tokenizer == "chatml")
     assert n == spec.sp_vocab
 
 
-def write_tokenizer(out: Path, corpus: list[str], *, sp_vocab: int, image_size: int) -> int:
+# LLaMA-3's pre-tokenizer split (tokenizer.json of meta-llama/Meta-Llama-3-8B and llama3-llava-next-8b)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# llava-hf/llama3-llava-next-8b-hf's template (images first, LLaMA-3 headers)
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{{'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{{ content['text'] + '<|eot_id|>' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def write_llama3_tokenizer(out: Path, corpus: list[str], *, n_vocab: int, image_size: int) -> None:
+    """A LLaMA-3-style tokenizer: byte-level BPE (no byte fallback) behind LLaMA-3's split regex, its
+    header/eot special tokens, `<image>` at id `n_vocab` and `<pad>` after it, LLaMA-3's chat template."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(byte_fallback=False, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    base = n_vocab - len(LLAMA3_SPECIALS)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=base, show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    k = 0
+    while tok.get_vocab_size() < base:  # LLaMA-3 pads its vocabulary with reserved special tokens too
+        tok.add_special_tokens([AddedToken(f"<|reserved_special_token_{k}|>", special=True, normalized=False)])
+        k += 1
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS])
+    tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
+                            AddedToken("<pad>", special=True, normalized=False)])
+    assert tok.token_to_id("<image>") == n_vocab and tok.token_to_id("<pad>") == n_vocab + 1
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+        "pad_token": "<pad>", "model_max_length": 8192, "clean_up_tokenization_spaces": False}, indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": LLAMA3_TEMPLATE}))
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3}, indent=2))
+
+
+# llava-hf/llava-v1.6-34b-hf's template (Nous-Hermes-2-Yi-34B: ChatML)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{{'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def write_tokenizer(out: Path, corpus: list[str], *, sp_vocab: int, image_size: int, chatml: bool = False) -> int:
     """A SentencePiece BPE tokenizer trained on `corpus` (at most `sp_vocab` pieces, byte fallback), with
     `<image>` and `<pad>` added after it, written as a hub LLaVA-1.5 checkpoint's tokenizer and processor
     files (with the Vicuna chat template); returns the number of SentencePiece pieces."""
@@ -91,13 +157,18 @@ def write_tokenizer(out: Path, corpus: list[str], *, sp_vocab: int, image_size: 
     tok.add_tokens(["<image>"], special_tokens=True)
     tok.add_special_tokens({"pad_token": "<pad>"})
     assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [n, n + 1]
+    extra = ["<|im_start|>", "<|im_end|>"] if chatml else []  # ChatML (Yi-34B): <|im_end|> ends a turn
+    if extra:
+        tok.add_tokens(extra, special_tokens=True)
+        tok.eos_token = "<|im_end|>"
     tok.save_pretrained(out)
     # transformers 5 no longer writes added_tokens_decoder; hub checkpoints (saved by 4.x) have it.
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     cfg["added_tokens_decoder"] = {
         str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                  "special": True}
-        for i, t in ((0, "<unk>"), (1, "<s>"), (2, "</s>"), (n, "<image>"), (n + 1, "<pad>"))}
+        for i, t in ((0, "<unk>"), (1, "<s>"), (2, "</s>"), (n, "<image>"), (n + 1, "<pad>"),
+                     *((n + 2 + k, t) for k, t in enumerate(extra)))}
     cfg.update({"add_bos_token": True, "add_eos_token": False, "legacy": False, "padding_side": "left"})
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     # Hub LLaMA tokenizers (llava-hf's included) were converted by transformers 4.x with the legacy
@@ -110,7 +181,7 @@ def write_tokenizer(out: Path, corpus: list[str], *, sp_vocab: int, image_size: 
                                                               "content": "\u2581"}]}
     tj["pre_tokenizer"] = None
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": VICUNA_TEMPLATE}))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE if chatml else VICUNA_TEMPLATE}))
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
         "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},

@@ -1,7 +1,9 @@
 """The LLM's tokenizer in GGUF, the way llama.cpp's convert_hf_to_gguf.py writes it for LLaMA-family
 models: SentencePiece `tokenizer.model` when present (scores, token types, added tokens, `[PADn]`
-rows up to the embedding's vocab size), else the Hugging Face `tokenizer.json` through gguf-py's
-LlamaHfVocab; special token ids, add_bos/eos and the chat template through gguf.SpecialVocab."""
+rows up to the embedding's vocab size), else the Hugging Face `tokenizer.json`: a byte-fallback BPE through
+gguf-py's LlamaHfVocab, a byte-level BPE (LLaMA-3) as llama.cpp's `gpt2` tokenizer with its merges and the
+pre-tokenizer named by what tokenizer.json's split regex is; special token ids, add_bos/eos and the chat
+template through gguf.SpecialVocab."""
 from __future__ import annotations
 
 import json
@@ -111,21 +113,75 @@ def _hf_vocab(src: Path) -> Vocab:
     return Vocab("llama", "default", tokens, scores, types)
 
 
+# tokenizer.json split regexes -> llama.cpp's tokenizer.ggml.pre (llama-vocab.cpp implements each)
+BPE_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",  # LLaMA-3
+}
+
+
 def read_vocab(src: Path, vocab_size: int | None) -> Vocab:
     if (src / "tokenizer.model").is_file():
         return _sentencepiece_vocab(src, vocab_size)
     if (src / "tokenizer.json").is_file():
+        tj = _load_tokenizer_json(src)
+        model = tj.get("model") or {}
+        if model.get("type") == "BPE" and not model.get("byte_fallback"):
+            return _gpt2_vocab(src, tj, vocab_size)
         return _hf_vocab(src)
     raise LlavaGgufError(f"{src} has no tokenizer (tokenizer.model or tokenizer.json)", "the download is incomplete")
+
+
+def _load_tokenizer_json(src: Path) -> dict:
+    try:
+        data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LlavaGgufError(f"{src / 'tokenizer.json'} is not valid JSON", "download the tokenizer again") from None
+    if not isinstance(data, dict):
+        raise LlavaGgufError(f"{src / 'tokenizer.json'} does not hold a tokenizer", "download the tokenizer again")
+    return data
+
+
+def _split_regexes(pre: dict | None) -> list[str]:
+    if not isinstance(pre, dict):
+        return []
+    items = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    return [p.get("pattern", {}).get("Regex") for p in items
+            if isinstance(p, dict) and p.get("type") == "Split" and isinstance(p.get("pattern"), dict)]
+
+
+def _gpt2_vocab(src: Path, tj: dict, vocab_size: int | None) -> Vocab:
+    """A byte-level BPE (no byte fallback: LLaMA-3) as llama.cpp's `gpt2` tokenizer, laid out as
+    convert_hf_to_gguf.py's get_vocab_base does: ids without a token become [PADn] (UNUSED), added tokens
+    CONTROL when special, else USER_DEFINED. The pre-tokenizer is named by its split regex."""
+    pre = next((BPE_PRE[r] for r in _split_regexes(tj.get("pre_tokenizer")) if r in BPE_PRE), None)
+    if pre is None:
+        raise LlavaGgufError(f"{src / 'tokenizer.json'}: a byte-level BPE tokenizer whose pre-tokenizer llama.cpp "
+                             "is not known here to implement", "supported: LLaMA-3's (llama-bpe)")
+    vocab = tj["model"].get("vocab") or {}
+    added = [e for e in tj.get("added_tokens", []) if isinstance(e, dict) and "id" in e]
+    n = vocab_size or (max([*vocab.values(), *(e["id"] for e in added)], default=-1) + 1)
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    types = [int(TokenType.UNUSED)] * n
+    for text, i in vocab.items():
+        if 0 <= i < n:
+            tokens[i], types[i] = text.encode("utf-8"), int(TokenType.NORMAL)
+    for e in added:
+        i = int(e["id"])
+        if 0 <= i < n:
+            tokens[i] = e["content"].encode("utf-8")
+            types[i] = int(TokenType.CONTROL if e.get("special") else TokenType.USER_DEFINED)
+    return Vocab("gpt2", pre, tokens, [0.0] * n, types)
 
 
 def add_vocab(writer: gguf.GGUFWriter, src: Path, vocab: Vocab, default_chat_template: str | None) -> None:
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
+    if vocab.model != "gpt2":  # convert_hf_to_gguf.py writes no scores for BPE
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
-    special = gguf.SpecialVocab(src, n_vocab=len(vocab.tokens))
+    special = gguf.SpecialVocab(src, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
     if special.chat_template is None and default_chat_template is not None:
         special.chat_template = default_chat_template
     special.add_to_gguf(writer, quiet=True)
