@@ -46,6 +46,10 @@ def fixtures(work: Path) -> list[tuple[str, Path, list[str]]]:
                 []))
     out.append(("llava-1.6 (anyres), llava-hf transformers-5",
                 make_tiny_llava(work / "l16", TinySpec(dtype="float16", anyres=True)), []))
+    out.append(("llava-1.6, LLaMA-3 text model (BPE, llama3 template)",
+                make_tiny_llava(work / "l16-llama3", TinySpec(dtype="float16", anyres=True, tokenizer="llama3")), []))
+    out.append(("llava-1.6, Yi text model (ChatML template)",
+                make_tiny_llava(work / "l16-yi", TinySpec(dtype="float16", anyres=True, tokenizer="chatml")), []))
     hf = make_tiny_llava(work / "base", TinySpec(dtype="float16"))
     out.append(("llava-original (liuhaotian), sharded .bin + CLIPModel",
                 make_tiny_liuhaotian(hf, work / "lh", work / "clip-full", clip_kind="full", weights_format="bin",

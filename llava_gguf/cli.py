@@ -247,6 +247,9 @@ def verify_cmd(
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="default 0.999 (0.99 for a quantized mmproj)"),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="default 0.95 (0.80 for a quantized LLM)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    reference_dtype: str = typer.Option("auto", "--reference-dtype", help="transformers' language model in float32 "
+                                        "or bfloat16 (auto: float32 when it fits in memory; the vision tower and "
+                                        "projector always float32)"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """Check a converted pair against the Hugging Face checkpoint in transformers: image-embedding cosine,
@@ -255,7 +258,7 @@ def verify_cmd(
     from .verify import verify
 
     r = verify(src, outdir, images=images, clip=clip, llm=model, mmproj=mmproj, tokens=tokens, runtime=runtime,
-               min_cosine=min_cosine, min_top1=min_top1, threads=threads)
+               min_cosine=min_cosine, min_top1=min_top1, threads=threads, reference_dtype=reference_dtype)
     if json_out:
         _print_json(r.to_dict())
     else:

@@ -29,7 +29,7 @@ class VerifyReport:
     llm: str
     mmproj: str
     runtime: str  # "fixed" (our libmtmd) or "stock"
-    reference_dtype: str  # transformers' precision: float32, or bfloat16 when float32 does not fit in memory
+    reference_dtype: str  # "float32", or "bfloat16 language model" (vision tower and projector stay float32)
     images: list[str]
     tokens: int
     cosine_mean: float = 0.0
@@ -138,9 +138,14 @@ def build_reference(source, dtype):
 def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = None, clip: Path | str | None = None,
            llm: Path | str | None = None, mmproj: Path | str | None = None, tokens: int = 16,
            runtime: str = "fixed", min_cosine: float | None = None, min_top1: float | None = None,
-           threads: int | None = None) -> VerifyReport:
+           threads: int | None = None, reference_dtype: str = "auto") -> VerifyReport:
+    """`reference_dtype`: "auto" (float32 when the model and the GGUF pair fit in available memory,
+    else the language model in bfloat16 — the vision tower and projector always run in float32, so the
+    image check is exact either way), "float32" or "bfloat16"."""
     if runtime not in ("fixed", "stock"):
         raise LlavaGgufError(f"--runtime {runtime!r}: choose fixed or stock")
+    if reference_dtype not in ("auto", "float32", "bfloat16"):
+        raise LlavaGgufError(f"--reference-dtype {reference_dtype!r}: choose auto, float32 or bfloat16")
     from .runtime.native import ENV_MTMD_VARIANT
 
     import sys
@@ -189,8 +194,12 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
     params = source.checkpoint.total_bytes // 2  # ~parameters (f16/bf16 checkpoints)
     gguf_bytes = llm_path.stat().st_size + mm_path.stat().st_size  # loaded at the same time
     fp32_fits = params * 4 * 1.3 + gguf_bytes < _available_memory()
-    dtype = torch.float32 if fp32_fits else torch.bfloat16
+    if reference_dtype == "auto":
+        reference_dtype = "float32" if fp32_fits else "bfloat16"
+    dtype = torch.float32 if reference_dtype == "float32" else torch.bfloat16
     model = build_reference(source, dtype)
+    if dtype != torch.float32:  # the image path in full precision: the tower and projector are small
+        _image_path_float32(model, source)
     tok = AutoTokenizer.from_pretrained(str(source.checkpoint.path))
     before = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode("USER: ", add_special_tokens=False)
     after = tok.encode(f"\n{PROMPT} ASSISTANT:", add_special_tokens=False)
@@ -199,7 +208,8 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
     thresholds = {"cosine": min_cosine if min_cosine is not None else (0.99 if quantized_mm else 0.999),
                   "top1": min_top1 if min_top1 is not None else (0.80 if quantized_llm else 0.95)}
     report = VerifyReport(str(src), str(llm_path), str(mm_path), runtime,
-                          "float32" if dtype == torch.float32 else "bfloat16", names, tokens, thresholds=thresholds)
+                          "float32" if dtype == torch.float32 else "bfloat16 language model", names, tokens,
+                          thresholds=thresholds)
     cosines, kls, top1, same = [], [], [], 0
     from .reference import image_features, mean_cosine
     from transformers.models.clip import CLIPImageProcessorPil
@@ -224,7 +234,7 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
     def reference_rows(img):
         """(rows, model inputs for the image) from transformers."""
         inp = proc(images=img, return_tensors="pt")
-        pixels = inp["pixel_values"].to(dtype)
+        pixels = inp["pixel_values"].float()
         if not source.family.anyres:
             return image_features(model, pixels), {"pixel_values": pixels}
         with torch.no_grad():
@@ -290,6 +300,36 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
         report.failures.append(f"top-1 agreement {report.top1:.3f} < {thresholds['top1']}")
     report.passed = not report.failures
     return report
+
+
+def _image_path_float32(model, source) -> None:
+    """The vision tower, projector and image_newline of a bfloat16 reference, reloaded from the checkpoint
+    in float32 (casting the bfloat16 copies back would keep their rounding)."""
+    import torch
+
+    from .convert import _split
+
+    model.model.vision_tower.float()
+    model.model.multi_modal_projector.float()
+    _, vision, proj = _split(source.checkpoint, source.layout)  # as stored (v1: its nn.Linear)
+    for name, key in source.family.extra_tensors:
+        if name in source.checkpoint.tensors:
+            proj[key] = source.checkpoint.tensors[name]
+    params = dict(model.named_parameters())
+    inner = "vision_model." if hasattr(model.model.vision_tower, "vision_model") else ""
+    targets = {"model.vision_tower." + inner + n: r for n, r in vision.items()}
+    for n, r in proj.items():
+        if n == "image_newline":
+            targets["model.image_newline"] = r
+        elif n.split(".")[0] in ("0", "2"):
+            targets[f"model.multi_modal_projector.linear_{1 if n[0] == '0' else 2}.{n.split('.')[1]}"] = r
+        else:  # linear_1.*, linear_2.*, or v1's weight/bias
+            targets["model.multi_modal_projector." + n] = r
+    with torch.no_grad():
+        for key, ref in targets.items():
+            if key in params:
+                p = params[key]
+                p.data = torch.from_numpy(np.ascontiguousarray(ref.read())).float().reshape(p.shape)
 
 
 def _quantized(path: Path) -> bool:

@@ -26,6 +26,11 @@ def test_verify_passes_and_stock_fails(tiny, converted, tmp_path):
     assert r["cosine_min"] >= 0.9999 and r["top1"] == 1.0 and r["greedy_identical"] == 2 and r["kl_max"] < 1e-3
     text = run_cli("verify", str(ckpt), str(llm.parent))
     assert text.returncode == 0 and "PASS" in text.stdout and "identical greedy answers 3/3" in text.stdout
+    # what a 7B on 24 GB gets: the language model in bfloat16, the image path still exact in float32
+    p = run_cli("verify", str(ckpt), str(llm.parent), "--reference-dtype", "bfloat16", "--tokens", "8", "--json")
+    assert p.returncode == 0, p.stderr
+    r = _json(p)
+    assert r["reference_dtype"] == "bfloat16 language model" and r["cosine_min"] >= 0.9999 and r["kl_mean"] < 0.01
     # the unpatched libmtmd (what other llama.cpp-based apps run) on the same files: the CLS defect shows
     stock = run_cli("verify", str(ckpt), str(llm.parent), "--runtime", "stock", "--json")
     assert stock.returncode == 1
