@@ -191,13 +191,13 @@ def inspect_gguf(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ checkpoint
 def inspect_checkpoint(src: Path, clip: Path | str | None = None) -> dict:
-    from .convert import _split, open_llava, output_names
+    from .convert import open_llava, output_names, stored_parts
     from .convert.mmproj import feature_layer_index
 
     source = open_llava(src, clip)
     ck, family, layout = source.checkpoint, source.family, source.layout
     root, text_hp, vision_hp = source.root, source.text_hp, source.vision_hp
-    text, vision, proj = _split(ck, layout)  # as stored (before a family's projector rewrite)
+    text, vision, proj = stored_parts(source)  # as stored (before a family's projector rewrite)
 
     def count(refs) -> int:
         total = 0

@@ -97,7 +97,7 @@ def _prompts(prompts: Path | str | None) -> list[str]:
     return lines
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x -= x.max()
     return x - np.log(np.exp(x).sum())
@@ -130,7 +130,7 @@ def measure_quality(base: Path | str, quant: Path | str, *, mmproj: Path | str |
             m.eval_prompt(prompt, [image])
             answer, logps = [], []
             for _ in range(tokens):
-                lp = _log_softmax(m.last_logits())
+                lp = log_softmax(m.last_logits())
                 tok = int(np.argmax(lp))
                 logps.append(lp)
                 answer.append(tok)
@@ -150,7 +150,7 @@ def measure_quality(base: Path | str, quant: Path | str, *, mmproj: Path | str |
             m.eval_prompt(prompt, [image])
             pair_kl, pair_agree = [], []
             for i, tok in enumerate(answer):
-                lq = _log_softmax(m.last_logits())
+                lq = log_softmax(m.last_logits())
                 lb = logps[i]
                 pair_kl.append(max(0.0, float(np.sum(np.exp(lb) * (lb - lq)))))
                 pair_agree.append(int(np.argmax(lq)) == int(np.argmax(lb)))

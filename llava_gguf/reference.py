@@ -38,13 +38,17 @@ def image_features(model, pixels) -> np.ndarray:
     return out.reshape(-1, out.shape[-1]).float().numpy()
 
 
-def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean per-token cosine similarity of two (n_tokens, n_embd) arrays of the same shape."""
+def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-token cosine similarity of two (n_tokens, n_embd) arrays of the same shape."""
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    cos = (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1) + 1e-30)
-    return float(cos.mean())
+    return (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1) + 1e-30)
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean per-token cosine similarity of two (n_tokens, n_embd) arrays of the same shape."""
+    return float(token_cosines(a, b).mean())
 
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"

@@ -85,8 +85,6 @@ def build_reference(source, dtype):
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from .convert import split_parts
-
     if source.family.anyres:
         from transformers import LlavaNextForConditionalGeneration
 
@@ -105,24 +103,10 @@ def build_reference(source, dtype):
         model = LlavaForConditionalGeneration(cfg).to(dtype)  # the config's torch_dtype must not win
     finally:
         torch.set_default_dtype(old)
-    text, vision, proj = split_parts(source)
-    raw = source.checkpoint.tensors
-    refs = {}
-    for name, ref in text.items():
-        refs[("model.language_model." + name[len("model."):]) if name.startswith("model.") else name] = ref
-    tower = model.model.vision_tower
-    inner = "vision_model." if hasattr(tower, "vision_model") else ""
-    for name, ref in vision.items():
-        refs["model.vision_tower." + inner + name] = ref
-    if "model.mm_projector.weight" in raw:  # LLaVA v1: the checkpoint's nn.Linear, not the GGUF's GELU pair
-        w = raw["model.mm_projector.weight"]
+    refs = reference_tensors(source, model)
+    if "model.multi_modal_projector.weight" in refs:  # LLaVA v1: the checkpoint's nn.Linear, not the GELU pair
+        w = refs["model.multi_modal_projector.weight"]
         model.model.multi_modal_projector = torch.nn.Linear(w.shape[1], w.shape[0], dtype=dtype)
-        refs["model.multi_modal_projector.weight"] = w
-        refs["model.multi_modal_projector.bias"] = raw["model.mm_projector.bias"]
-    else:
-        for name, ref in proj.items():
-            idx, kind = name.split(".")
-            refs[f"model.multi_modal_projector.linear_{1 if idx == '0' else 2}.{kind}"] = ref
     with torch.no_grad():
         for name, param in model.named_parameters():
             ref = refs.get(name)
@@ -211,7 +195,8 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
                           "float32" if dtype == torch.float32 else "bfloat16 language model", names, tokens,
                           thresholds=thresholds)
     cosines, kls, top1, same = [], [], [], 0
-    from .reference import image_features, mean_cosine
+    from .quality import log_softmax
+    from .reference import image_features, token_cosines
     from transformers.models.clip import CLIPImageProcessorPil
 
     from .convert.mmproj import image_norm
@@ -248,9 +233,7 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
             if emb.shape != ref.shape:
                 raise LlavaGgufError(f"the GGUF pair gives {emb.shape[0]} image rows of {emb.shape[1]}, transformers "
                                      f"{ref.shape[0]} of {ref.shape[1]}", "is OUTDIR converted from SRC?")
-            a, b = emb.astype(np.float64), ref.astype(np.float64)
-            per = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
-            cosines.append(per)
+            cosines.append(token_cosines(emb, ref))
             # transformers' greedy answer, then its logits along it (teacher-forced)
             ids = before + [model.config.image_token_id] * ref.shape[0] + after
             with torch.no_grad():
@@ -273,8 +256,8 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
                 ours.append(m.last_logits().astype(np.float64))
             for p_logits, q_logits in zip(logits_hf, ours):
                 n = min(len(p_logits), len(q_logits))
-                lp = _log_softmax(p_logits[:n].astype(np.float64))
-                lq = _log_softmax(q_logits[:n])
+                lp = log_softmax(p_logits[:n])
+                lq = log_softmax(q_logits[:n])
                 kls.append(float(np.sum(np.exp(lp) * (lp - lq))))
                 top1.append(int(np.argmax(lp)) == int(np.argmax(lq)))
             # our own greedy answer
@@ -302,32 +285,36 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
     return report
 
 
+def reference_tensors(source, model) -> dict:
+    """transformers parameter name -> the checkpoint tensor (as stored: v1's nn.Linear, not the GGUF's
+    GELU pair) for a reference `model` of `source`."""
+    from .convert import stored_parts
+
+    text, vision, proj = stored_parts(source)
+    out = {("model.language_model." + n[len("model."):]) if n.startswith("model.") else n: r for n, r in text.items()}
+    inner = "vision_model." if hasattr(model.model.vision_tower, "vision_model") else ""
+    out.update({"model.vision_tower." + inner + n: r for n, r in vision.items()})
+    for n, r in proj.items():
+        if n == "image_newline":
+            out["model.image_newline"] = r
+        elif n.split(".")[0] in ("0", "2"):  # nn.Sequential(Linear, GELU, Linear)
+            out[f"model.multi_modal_projector.linear_{1 if n[0] == '0' else 2}.{n.split('.')[1]}"] = r
+        else:  # linear_1.*, linear_2.*, or v1's weight/bias
+            out["model.multi_modal_projector." + n] = r
+    return out
+
+
 def _image_path_float32(model, source) -> None:
     """The vision tower, projector and image_newline of a bfloat16 reference, reloaded from the checkpoint
     in float32 (casting the bfloat16 copies back would keep their rounding)."""
     import torch
 
-    from .convert import _split
-
     model.model.vision_tower.float()
     model.model.multi_modal_projector.float()
-    _, vision, proj = _split(source.checkpoint, source.layout)  # as stored (v1: its nn.Linear)
-    for name, key in source.family.extra_tensors:
-        if name in source.checkpoint.tensors:
-            proj[key] = source.checkpoint.tensors[name]
     params = dict(model.named_parameters())
-    inner = "vision_model." if hasattr(model.model.vision_tower, "vision_model") else ""
-    targets = {"model.vision_tower." + inner + n: r for n, r in vision.items()}
-    for n, r in proj.items():
-        if n == "image_newline":
-            targets["model.image_newline"] = r
-        elif n.split(".")[0] in ("0", "2"):
-            targets[f"model.multi_modal_projector.linear_{1 if n[0] == '0' else 2}.{n.split('.')[1]}"] = r
-        else:  # linear_1.*, linear_2.*, or v1's weight/bias
-            targets["model.multi_modal_projector." + n] = r
     with torch.no_grad():
-        for key, ref in targets.items():
-            if key in params:
+        for key, ref in reference_tensors(source, model).items():
+            if key in params and not key.startswith(("model.language_model.", "lm_head.")):
                 p = params[key]
                 p.data = torch.from_numpy(np.ascontiguousarray(ref.read())).float().reshape(p.shape)
 
@@ -343,8 +330,3 @@ def _quantized(path: Path) -> bool:
         return not path.stem.upper().endswith(("F32", "F16", "BF16"))
     return int(f.contents()) not in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16,
                                      gguf.LlamaFileType.MOSTLY_BF16)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())

@@ -16,7 +16,8 @@ from .llm import OUTTYPES, build_llm, type_label
 from .mmproj import MMPROJ_TYPES, build_mmproj
 from .writer import TensorStream
 
-__all__ = ["ConvertResult", "LlavaSource", "open_llava", "convert_checkpoint", "output_names", "OUTTYPES", "MMPROJ_TYPES"]
+__all__ = ["ConvertResult", "LlavaSource", "open_llava", "split_parts", "stored_parts", "convert_checkpoint",
+           "output_names", "OUTTYPES", "MMPROJ_TYPES"]
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,22 @@ def output_names(name: str, outtype: str, mmproj_type: str) -> tuple[str, str]:
     return f"{name}-{type_label(outtype)}.gguf", f"mmproj-{name}-{type_label(mmproj_type)}.gguf"
 
 
-def split_parts(source: LlavaSource) -> tuple[dict[str, TensorRef], dict[str, TensorRef], dict[str, TensorRef]]:
-    """(text, vision, projector) tensors under the names the family's tables map."""
+def stored_parts(source: LlavaSource) -> tuple[dict[str, TensorRef], dict[str, TensorRef], dict[str, TensorRef]]:
+    """(text, vision, projector) tensors as the checkpoint stores them (the family's extra tensors, such as
+    1.6's image_newline, with the projector's)."""
     text, vision, proj = _split(source.checkpoint, source.layout)
-    if source.family.projector_tensors is not None:
-        proj = source.family.projector_tensors(proj)
     for name, key in source.family.extra_tensors:
         if name in source.checkpoint.tensors:
             proj[key] = source.checkpoint.tensors[name]
+    return text, vision, proj
+
+
+def split_parts(source: LlavaSource) -> tuple[dict[str, TensorRef], dict[str, TensorRef], dict[str, TensorRef]]:
+    """(text, vision, projector) tensors under the names the family's tables map (after the family's
+    projector rewrite, e.g. LLaVA v1's GELU pair)."""
+    text, vision, proj = stored_parts(source)
+    if source.family.projector_tensors is not None:
+        proj = source.family.projector_tensors(proj)
     return text, vision, proj
 
 

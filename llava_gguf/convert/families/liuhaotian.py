@@ -78,6 +78,7 @@ def linear_as_gelu_pair(proj: dict) -> dict:
         return np.concatenate([eye, -eye], axis=1)
 
     return {
+        **{k: v for k, v in proj.items() if k not in ("weight", "bias")},
         "0.weight": ref("0.weight", (2 * n_out, n_in), w0),
         "0.bias": ref("0.bias", (2 * n_out,), b0),
         "2.weight": ref("2.weight", (n_out, 2 * n_out), w2),
