@@ -70,6 +70,15 @@ def _train_tokenizer(corpus: list[str], sp_vocab: int) -> bytes:
     return buf.getvalue()
 
 
+def _write_preprocessor(out: Path, image_size: int) -> None:
+    """llava-hf's CLIPImageProcessor config at the tower's resolution."""
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3}, indent=2))
+
+
 def _write_tokenizer(out: Path, spec: TinySpec) -> None:
     if spec.tokenizer == "llama3":
         write_llama3_tokenizer(out, _corpus(spec.seed), n_vocab=spec.sp_vocab, image_size=spec.image_size)
@@ -123,11 +132,7 @@ def write_llama3_tokenizer(out: Path, corpus: list[str], *, n_vocab: int, image_
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
         "pad_token": "<pad>", "model_max_length": 8192, "clean_up_tokenization_spaces": False}, indent=2))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": LLAMA3_TEMPLATE}))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3}, indent=2))
+    _write_preprocessor(out, image_size)
 
 
 # llava-hf/llava-v1.6-34b-hf's template (Nous-Hermes-2-Yi-34B: ChatML)
@@ -182,11 +187,7 @@ def write_tokenizer(out: Path, corpus: list[str], *, sp_vocab: int, image_size: 
     tj["pre_tokenizer"] = None
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE if chatml else VICUNA_TEMPLATE}))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD, "do_convert_rgb": True, "resample": 3}, indent=2))
+    _write_preprocessor(out, image_size)
     return n
 
 

@@ -4,14 +4,13 @@ render it and stop at <|eot_id|>; answers equal transformers'."""
 from __future__ import annotations
 
 import gguf
-import numpy as np
 import pytest
-import torch
 
 from llava_gguf import LLaVA
 from llava_gguf.runtime.prompt import Message
 from llava_gguf.tiny import LLAMA3_TEMPLATE
 from test_llava16 import N_GREEDY, _image, hf_next, hf_rows
+from test_parity import hf_greedy, ours_greedy
 
 TEXTS = ["Hello world! What's in the image? 123456", " ünïcödé 日本語 😀\n\n  x  y", "don't 12345678 a\tb",
          "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", "<image>\nDescribe the image."]
@@ -68,23 +67,9 @@ def test_llama3_answers_match_transformers(llama3):
     img = _image(300, 170)
     ref, inp = hf_rows(model, proc, img)
     ids = before + [model.config.image_token_id] * ref.shape[0] + after
-    tokens_hf = []
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"],
-                    use_cache=True)
-        for _ in range(N_GREEDY):
-            nxt = int(out.logits[0, -1].argmax())
-            tokens_hf.append(nxt)
-            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    _, tokens_hf = hf_greedy(model, ids, N_GREEDY, pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"])
     with LLaVA(llm, mmproj, n_threads=2) as m:
-        m.eval_tokens(before)
-        m.eval_image(img)
-        m.eval_tokens(after)
-        tokens = []
-        for _ in range(N_GREEDY):
-            nxt = int(np.argmax(m.last_logits()))
-            tokens.append(nxt)
-            m.eval_tokens([nxt])
+        _, tokens = ours_greedy(m, img, before, after, N_GREEDY)
     assert tokens == tokens_hf
 
 

@@ -15,7 +15,7 @@ from llava_gguf import LLaVA
 from llava_gguf.reference import mean_cosine
 from llava_gguf.tiny import sample_image
 from test_bad_input import assert_clean_failure
-from test_parity import _prompt_ids
+from test_parity import _prompt_ids, hf_greedy, ours_greedy
 
 N_GREEDY = 8
 SIZES = [(112, 112), (200, 112), (112, 200), (300, 170), (90, 260), (500, 300)]  # (w, h)
@@ -65,25 +65,9 @@ def test_llava16_rows_and_answers_match_transformers(tiny, converted, layout, te
         img = _image(200, 112)
         ref, inp = hf_rows(model, proc, img)
         ids = before + [model.config.image_token_id] * ref.shape[0] + after
-        tokens_hf = []
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids]), pixel_values=inp["pixel_values"],
-                        image_sizes=inp["image_sizes"], use_cache=True)
-            first_hf = out.logits[0, -1].float().numpy()
-            for _ in range(N_GREEDY):
-                nxt = int(out.logits[0, -1].argmax())
-                tokens_hf.append(nxt)
-                out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
-        m.reset()
-        m.eval_tokens(before)
-        m.eval_image(img)
-        m.eval_tokens(after)
-        first = m.last_logits()
-        tokens = []
-        for _ in range(N_GREEDY):
-            nxt = int(np.argmax(m.last_logits()))
-            tokens.append(nxt)
-            m.eval_tokens([nxt])
+        first_hf, tokens_hf = hf_greedy(model, ids, N_GREEDY, pixel_values=inp["pixel_values"],
+                                        image_sizes=inp["image_sizes"])
+        first, tokens = ours_greedy(m, img, before, after, N_GREEDY)
     assert float(np.abs(first - first_hf).max()) <= 2e-3 * float(np.abs(first_hf).max())
     assert tokens == tokens_hf
 
@@ -120,6 +104,8 @@ def test_llava16_inspect_and_bad_pinpoints(tiny, converted, tmp_path):
     llm, mmproj = converted(ckpt, "f16")
     r = json.loads(run_cli("inspect", str(ckpt), "--json").stdout.strip().splitlines()[-1])
     assert (r["family"], r["architecture"]) == ("llava-1.6", "LlavaNextForConditionalGeneration")
+    model, _ = hf_next(ckpt)  # every stored tensor counted, image_newline included
+    assert r["parameters"]["total"] == sum(t.numel() for t in model.state_dict().values())
     r = json.loads(run_cli("inspect", str(mmproj), "--json").stdout.strip().splitlines()[-1])
     assert r["anyres"] and r["defects"] == [] and r["metadata"]["clip.vision.image_grid_pinpoints"] == \
         [112, 224, 224, 112, 224, 224, 336, 112, 112, 336]

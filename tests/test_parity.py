@@ -35,10 +35,15 @@ def hf_reference(ckpt, image, n_greedy, model=None):
     feats = image_features(model, pixels)
     before, after = _prompt_ids(ckpt)
     ids = before + [model.config.image_token_id] * feats.shape[0] + after
-    input_ids = torch.tensor([ids])
+    first_logits, tokens = hf_greedy(model, ids, n_greedy, pixel_values=pixels)
+    return feats, first_logits, tokens, (before, after)
+
+
+def hf_greedy(model, ids, n_greedy, **image_inputs):
+    """transformers' first-step logits and greedy tokens for prompt `ids` with the image inputs."""
     tokens, first_logits = [], None
     with torch.no_grad():
-        out = model(input_ids=input_ids, pixel_values=pixels, use_cache=True)
+        out = model(input_ids=torch.tensor([ids]), **image_inputs, use_cache=True)
         for step in range(n_greedy):
             logits = out.logits[0, -1].float()
             if step == 0:
@@ -46,7 +51,7 @@ def hf_reference(ckpt, image, n_greedy, model=None):
             nxt = int(logits.argmax())
             tokens.append(nxt)
             out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
-    return feats, first_logits, tokens, (before, after)
+    return first_logits, tokens
 
 
 def ours(llm, mmproj, image, before, after, n_greedy):
@@ -54,19 +59,25 @@ def ours(llm, mmproj, image, before, after, n_greedy):
 
     with LLaVA(llm, mmproj, n_threads=2) as m:
         feats = m.embed_image(image)
-        m.reset()
-        m.eval_tokens(before)
-        m.eval_image(image)
-        m.eval_tokens(after)
-        first = m.last_logits()
-        tokens = []
-        logits = first
-        for _ in range(n_greedy):
-            nxt = int(np.argmax(logits))
-            tokens.append(nxt)
-            m.eval_tokens([nxt])
-            logits = m.last_logits()
+        first, tokens = ours_greedy(m, image, before, after, n_greedy)
     return feats, first, tokens
+
+
+def ours_greedy(m, image, before, after, n_greedy):
+    """Our runtime's first-step logits and greedy tokens for `before` + image + `after`, from an empty cache."""
+    m.reset()
+    m.eval_tokens(before)
+    m.eval_image(image)
+    m.eval_tokens(after)
+    first = m.last_logits()
+    tokens = []
+    logits = first
+    for _ in range(n_greedy):
+        nxt = int(np.argmax(logits))
+        tokens.append(nxt)
+        m.eval_tokens([nxt])
+        logits = m.last_logits()
+    return first, tokens
 
 
 CASES = [(layout, dtype) for layout in LAYOUT_NAMES for dtype in ("float32", "float16", "bfloat16")]

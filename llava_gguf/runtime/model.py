@@ -65,6 +65,17 @@ def read_gguf_info(path: Path, what: str, reader=None) -> GGUFInfo:
 
 
 @dataclass(frozen=True)
+class _Anyres:
+    """An anyres (LLaVA-1.6) mmproj's geometry: pinpoints (height, width), tile size in pixels, feature rows
+    per tile side, and the image_newline row."""
+
+    pins: list[tuple[int, int]]
+    size: int
+    side: int
+    newline: np.ndarray
+
+
+@dataclass(frozen=True)
 class Sampling:
     max_tokens: int = 256
     temperature: float = 0.2
@@ -147,7 +158,7 @@ class LLaVA:
         self.verbose = verbose
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         self.image_tokens = self.mmproj_info.image_tokens or 576
-        self._anyres = None  # LLaVA-1.6: (pinpoints, tile size, image_newline row), see anyres.py
+        self._anyres: _Anyres | None = None  # LLaVA-1.6, see anyres.py
         if self.mmproj_info.pinpoints:
             self._anyres = self._load_anyres()
             self.image_tokens = self._anyres_max_rows()
@@ -246,36 +257,46 @@ class LLaVA:
         if len(values) % 2 or not all(v > 0 and v % size == 0 for v in values):
             raise LlavaGgufError(f"{self.mmproj_path}: image_grid_pinpoints {values[:10]} are not pairs of positive "
                                  f"multiples of the image size {size}", "convert the checkpoint again")
-        return flat_pinpoints(values), int(size), row
+        side = int(round(math.sqrt(self.mmproj_info.image_tokens or 576)))  # feature rows per tile side
+        return _Anyres(flat_pinpoints(values), int(size), side, row)
 
     def _anyres_max_rows(self) -> int:
         """The most rows one anyres image can take: base tile + the largest unpadded grid with newlines."""
-        pins, size, _ = self._anyres
-        side = int(round(math.sqrt(self.mmproj_info.image_tokens or 576)))
-        return max(side * side + (h // size) * side * ((w // size) * side + 1) for h, w in pins)
+        a = self._anyres
+        return max(a.side * a.side + (h // a.size) * a.side * ((w // a.size) * a.side + 1) for h, w in a.pins)
 
     def _square_rows(self, img) -> np.ndarray:
         """libmtmd's rows for one image at the tower's resolution (an anyres tile: it neither resizes nor
         slices it)."""
         mt = self._mtmd
-        data = img.tobytes()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        bmp = mt.mtmd_bitmap_init(img.width, img.height, buf)
-        if not bmp:
-            raise LlavaGgufError("libmtmd could not take the image")
-        chunks = self._tokenize_bitmaps(IMAGE_PLACEHOLDER, [bmp], add_special=False)
+        chunks = self._tokenize_bitmaps(IMAGE_PLACEHOLDER, [self._mtmd_bitmap(img)], add_special=False)
         try:
             for i in range(mt.mtmd_input_chunks_size(chunks)):
                 chunk = mt.mtmd_input_chunks_get(chunks, i)
                 if mt.mtmd_input_chunk_get_type(chunk) != mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n = mt.mtmd_input_chunk_get_n_tokens(chunk)
-                    if mt.mtmd_encode_chunk(self._ctx, chunk) != 0:
-                        raise LlavaGgufError("libmtmd failed to encode the image")
-                    ptr = mt.mtmd_get_output_embd(self._ctx)
-                    return np.ctypeslib.as_array(ptr, shape=(n * self.llm_info.n_embd,)).reshape(n, -1).copy()
+                    return self._encode(chunk)
         finally:
             mt.mtmd_input_chunks_free(chunks)
         raise LlavaGgufError("libmtmd produced no image chunk")
+
+    def _encode(self, chunk) -> np.ndarray:
+        """libmtmd's rows for an image chunk (encoded now)."""
+        mt = self._mtmd
+        n = mt.mtmd_input_chunk_get_n_tokens(chunk)
+        if mt.mtmd_encode_chunk(self._ctx, chunk) != 0:
+            raise LlavaGgufError("libmtmd failed to encode the image")
+        ptr = mt.mtmd_get_output_embd(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n * self.llm_info.n_embd,)).reshape(n, -1).copy()
+
+    def _mtmd_bitmap(self, img, data: bytes | None = None):
+        """An mtmd bitmap of an RGB image, `data` its bytes if already at hand (the caller hands it to
+        _tokenize_bitmaps, which frees it)."""
+        data = img.tobytes() if data is None else data
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        bmp = self._mtmd.mtmd_bitmap_init(img.width, img.height, buf)
+        if not bmp:
+            raise LlavaGgufError("libmtmd could not take the image")
+        return bmp
 
     def _anyres_count(self, digest: str) -> int:
         """Positions an anyres image takes (its rows, cached or not yet computed)."""
@@ -285,10 +306,10 @@ class LLaVA:
     def _anyres_rows(self, img) -> np.ndarray:
         from .anyres import pack, tiles
 
-        pins, size, newline = self._anyres
-        base, grid, shape = tiles(img, pins, size)
+        a = self._anyres
+        base, grid, shape = tiles(img, a.pins, a.size)
         rows = [self._square_rows(t) for t in [base] + grid]
-        packed = pack(rows[0], rows[1:], shape, (img.height, img.width), newline)
+        packed = pack(rows[0], rows[1:], shape, (img.height, img.width), a.newline)
         if len(packed) != self._anyres_count_for(img):  # pragma: no cover - count_rows mirrors pack
             raise LlavaGgufError("internal error: anyres row count mismatch")
         return packed
@@ -296,29 +317,22 @@ class LLaVA:
     def _anyres_count_for(self, img) -> int:
         from .anyres import count_rows
 
-        pins, size, _ = self._anyres
-        side = int(round(math.sqrt(self.mmproj_info.image_tokens or 576)))
-        return count_rows((img.height, img.width), pins, size, side)
+        a = self._anyres
+        return count_rows((img.height, img.width), a.pins, a.size, a.side)
 
     def _bitmap(self, image: ImageInput):
         """(mtmd bitmap, content hash of the normalised pixels). For an anyres model the bitmap is only
         the image's place in the prompt (a tile-sized stand-in libmtmd turns into one chunk): its rows are
         computed from the image kept here (see _image_rows)."""
         img = load_image(image)
-        data = img.tobytes()
+        data: bytes | None = img.tobytes()
         digest = content_hash(img, data)
         if self._anyres is not None:
             from PIL import Image
 
-            size = self._anyres[1]
             self._originals[digest] = img
-            img = Image.new("RGB", (size, size))  # a stand-in: its pixels are never used
-            data = img.tobytes()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        bmp = self._mtmd.mtmd_bitmap_init(img.width, img.height, buf)
-        if not bmp:
-            raise LlavaGgufError("libmtmd could not take the image")
-        return bmp, digest
+            img, data = Image.new("RGB", (self._anyres.size, self._anyres.size)), None  # a stand-in, never read
+        return self._mtmd_bitmap(img, data), digest
 
     def _tokenize(self, text: str, images: Sequence[ImageInput], add_special: bool, hashes: list | None = None):
         """mtmd chunks for `text`, whose IMAGE_PLACEHOLDERs are replaced by `images` in order."""
@@ -373,18 +387,13 @@ class LLaVA:
         if cached is not None:
             self._embeddings.move_to_end(digest)
             return cached
-        mt = self._mtmd
         if self._anyres is not None:
             original = self._originals.get(digest)
             if original is None:  # pragma: no cover - every anyres image is kept by _bitmap until here
                 raise LlavaGgufError("internal error: the anyres image was not kept")
             rows = self._anyres_rows(original)
         else:
-            n = mt.mtmd_input_chunk_get_n_tokens(chunk)
-            if mt.mtmd_encode_chunk(self._ctx, chunk) != 0:
-                raise LlavaGgufError("libmtmd failed to encode the image")
-            ptr = mt.mtmd_get_output_embd(self._ctx)
-            rows = np.ctypeslib.as_array(ptr, shape=(n * self.llm_info.n_embd,)).reshape(n, -1).copy()
+            rows = self._encode(chunk)
         self.last.images_encoded += 1
         self._embeddings[digest] = rows
         size = sum(v.nbytes for v in self._embeddings.values())
