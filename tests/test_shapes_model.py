@@ -99,17 +99,18 @@ def test_runtime_prompt_is_the_training_prompt(shipped, gguf_files):
 
 
 def test_shipped_model_answers_better_than_chance(hf_reference, sample):
-    """What the shipped (interim) model has learnt: counting, shapes and positions; colour and "is there"
-    in part (finding the named object among two or three is what it still gets wrong)."""
+    """What the shipped (interim) model has learnt: counting and "is there"; colour, shape and position
+    of one shape alone, not yet of the one a question names among two or three. (On this sample: 73%;
+    colour 60, shape 70, count 100, position 45, exists 90.)"""
     acc = shapes.accuracy(hf_reference, sample)
-    assert acc >= 0.6, f"transformers fp32 accuracy {acc:.3f}"
+    assert acc >= 0.65, f"transformers fp32 accuracy {acc:.3f}"
     by_kind = shapes.accuracy_by_kind(hf_reference, sample)
-    # chance: count 1/3, shape 1/5, position 1/9, colour 1/6
-    for kind, bound in (("count", 0.9), ("shape", 0.5), ("position", 0.45), ("color", 0.35)):
+    # chance: count 1/3, shape 1/5, position 1/9, colour 1/6, exists 1/2
+    for kind, bound in (("count", 0.9), ("exists", 0.75), ("shape", 0.5), ("position", 0.35), ("color", 0.4)):
         assert by_kind[kind] >= bound, (kind, by_kind)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6: the shipped model (72% on validation) does not always find the "
+@pytest.mark.xfail(strict=True, reason="issue 6: the shipped model (74% on validation) does not always find the "
                    "object a question names; the target is >= 95% (strict: passes once such a model is shipped)")
 def test_shipped_model_answers_correctly_in_transformers(hf_reference, sample):
     acc = shapes.accuracy(hf_reference, sample)

@@ -1,5 +1,5 @@
 """The training code of the shipped model, each stage for a few steps on one small batch: the loss of
-what the stage trains falls, and what it must leave alone stays as it was. (The real run takes ~40 min
+what the stage trains falls, and what it must leave alone stays as it was. (The real run takes ~44 min
 and is not part of the suite: `python -m training.train --out DIR`.)"""
 from __future__ import annotations
 
@@ -86,6 +86,44 @@ def test_llava_stages(data, name):
     assert all(torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in vision.items())
     lm_same = all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm.items())
     assert lm_same == (name == "projector")
+
+
+def test_stage_2_begins_with_the_projector_alone(data, tmp_path):
+    """Stage 2's first phase (`qa_frozen_steps`) trains the projector on the questions with the language
+    model frozen; its final state is kept, so a stage run again goes on from it instead of training it
+    again."""
+    from dataclasses import replace
+
+    torch.manual_seed(8)
+    model = T.build_llava(data.cfg, data)
+    lm = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    proj = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    cfg = replace(data.cfg, qa_frozen_steps=4, qa_steps=0, val_questions=5)
+    T.stage_llava(cfg, tmp_path, data, model, "qa")
+    assert all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm.items())
+    assert not all(torch.equal(v, model.model.multi_modal_projector.state_dict()[k]) for k, v in proj.items())
+    assert torch.load(tmp_path / "qa" / "frozen" / "state.pt", weights_only=False)["step"] == 4
+    assert (tmp_path / "qa" / "model" / "config.json").is_file()
+
+
+def test_captions_and_questions_run_apart_give_the_mixed_batch_loss(data):
+    """Stage 2 runs a batch's captions and conversations as two padded groups (`llava_groups`): the
+    same scenes, and the loss and token accuracy of the batch padded as one."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(7)
+    model = T.build_llava(data.cfg, data).eval()
+    features = T.tower_features(model, data.pixels)
+    groups = data.llava_groups("qa", 0, data.cfg.qa_batch, 0.5)
+    idx, ids, mask, lab = data.llava_batch("qa", 0, data.cfg.qa_batch, 0.5)
+    assert len(groups) == 2 and sorted(torch.cat([g[0] for g in groups]).tolist()) == sorted(idx.tolist())
+    assert max(g[1].shape[1] for g in groups) == ids.shape[1] > min(g[1].shape[1] for g in groups)
+    with torch.no_grad():
+        logits = T.llava_logits(model, features[idx], ids, mask)
+        want = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
+        got, acc = T.llava_step(model, data, "qa", features, share=0.5)(0)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert abs(acc - float(T.token_accuracy(logits, lab))) < 1e-6
 
 
 def test_language_model_text_asks_about_a_caption_in_the_image_rows_place(data):
