@@ -94,7 +94,7 @@ def test_interactive_session_in_a_terminal(outdir, image, tmp_path):
 
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     child = pexpect.spawn(sys.executable, ["-m", "llava_gguf", "chat", str(outdir), "--temp", "0",
-                                           "--max-tokens", "4000", "--ctx", "4096"],
+                                           "--max-tokens", "1000", "--ctx", "4096"],
                           env=env, encoding="utf-8", timeout=120)
     try:
         child.expect_exact("> ")
