@@ -91,19 +91,36 @@ def test_llava_stages(data, name):
 def test_stage_2_begins_with_the_projector_alone(data, tmp_path):
     """Stage 2's first phase (`qa_frozen_steps`) trains the projector on the questions with the language
     model frozen; its final state is kept, so a stage run again goes on from it instead of training it
-    again."""
+    again; the joint phase reads the data from the step after the frozen phase's last on."""
     from dataclasses import replace
 
-    torch.manual_seed(8)
-    model = T.build_llava(data.cfg, data)
+    def fresh(seed):
+        torch.manual_seed(seed)
+        return T.build_llava(data.cfg, data)
+
+    model = fresh(8)
     lm = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
     proj = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
-    cfg = replace(data.cfg, qa_frozen_steps=4, qa_steps=0, val_questions=5)
+    cfg = replace(data.cfg, qa_frozen_steps=4, qa_steps=0, val_questions=5, whiten=False)
     T.stage_llava(cfg, tmp_path, data, model, "qa")
+    trained = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
     assert all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm.items())
-    assert not all(torch.equal(v, model.model.multi_modal_projector.state_dict()[k]) for k, v in proj.items())
+    assert not any(torch.equal(v, trained[k]) for k, v in proj.items())
     assert torch.load(tmp_path / "qa" / "frozen" / "state.pt", weights_only=False)["step"] == 4
-    assert (tmp_path / "qa" / "model" / "config.json").is_file()
+    # run again (the stage's model not saved yet), from other initial weights: the frozen phase's weights
+    # come from its state, not from training again
+    import shutil
+
+    shutil.rmtree(tmp_path / "qa" / "model")
+    again = fresh(9)
+    T.stage_llava(cfg, tmp_path, data, again, "qa")
+    assert all(torch.equal(v, again.model.multi_modal_projector.state_dict()[k]) for k, v in trained.items())
+    features = T.tower_features(again, data.pixels)
+    with torch.no_grad():
+        a, _ = T.llava_step(again, data, "qa", features, offset=4)(0)
+        b, _ = T.llava_step(again, data, "qa", features)(4)
+        c, _ = T.llava_step(again, data, "qa", features)(0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_captions_and_questions_run_apart_give_the_mixed_batch_loss(data):

@@ -702,6 +702,10 @@ def model_card(cfg: Config, cfgj: dict, metrics: dict, minutes: float) -> str:
 
     by_kind = ", ".join(f"{k} {v:.1%}" for k, v in metrics.get("qa", {}).get("by_kind", {}).items()) or "n/a"
     status = "" if metrics.get("qa", {}).get("val_accuracy", 0.0) >= 0.95 else STATUS_INTERIM
+    frozen_note = (f"""- Stage 2 begins with the projector alone on the questions ({cfg.qa_frozen_steps} steps, language model
+  frozen), then trains both at a lower rate ({cfg.qa_lr:g}, the projector twice that). Trained together from
+  the start, the language model learnt to guess from the question: "Is there a ...?" was always "no".
+""" if cfg.qa_frozen_steps else "")
     return f"""# shapes-llava: a small LLaVA-1.5 trained on synthetic shapes
 
 A LLaVA-1.5-architecture model (CLIP ViT vision tower, 2-layer GELU projector, LLaMA language model) trained
@@ -731,11 +735,11 @@ is there; and "Describe the image." for a caption.
 | a. CLIP pretraining | vision tower + a small text encoder, contrastive | {cfg.clip_steps} x {cfg.clip_batch} | caption retrieval among 128: {pct('clip', 'val_retrieval_at_128')} |
 | b. LM pretraining | language model, on the task's text: captions, and questions after their scene's caption | {cfg.lm_steps} x {cfg.lm_batch} | next-token accuracy: {pct('lm', 'token_accuracy')}; answers looked up in the caption (answer tokens and EOS): {pct('lm', 'answer_accuracy')} |
 | c. LLaVA stage 1 | projector only, captioning | {cfg.proj_steps} x {cfg.proj_batch} | exact captions: {pct('projector', 'val_accuracy')} |
-| d. LLaVA stage 2 | projector alone, then projector + language model; questions ({cfg.qa_caption_share:.0%} captions in the second phase) | {cfg.qa_frozen_steps} + {cfg.qa_steps} x {cfg.qa_batch} | answers: {pct('qa', 'val_accuracy')} |
+| d. LLaVA stage 2 | {'projector alone, then ' if cfg.qa_frozen_steps else ''}projector + language model; questions ({cfg.qa_caption_share:.0%} captions in the second phase) | {cfg.qa_frozen_steps} + {cfg.qa_steps} x {cfg.qa_batch} | answers: {pct('qa', 'val_accuracy')} |
 
 Stage 2's validation answers by kind: {by_kind}.
 
-Three choices made the difference against an earlier run (61.2% on validation, shape questions 18%,
+{'Three' if cfg.qa_frozen_steps else 'Two'} choices made the difference against an earlier run (61.2% on validation, shape questions 18%,
 chance 20%), which learnt colour, count and position but not to read shapes:
 - Stage b puts each question after its scene's caption, where the image rows go in the real prompt
   (`USER: {{caption}}\\n{{question}} ASSISTANT: {{answer}}`), so the language model learns to look an answer
@@ -744,10 +748,7 @@ chance 20%), which learnt colour, count and position but not to read shapes:
   (`training.train.Whitening`: a reparametrisation of its first layer, removed before saving, so the
   checkpoint is a plain LLaVA). With Adam, a projector reading the raw features learnt along their few
   strong directions (colour, position) and barely along the weak ones that carry shape.
-- Stage 2 begins with the projector alone on the questions ({cfg.qa_frozen_steps} steps, language model
-  frozen), then trains both at a lower rate ({cfg.qa_lr:g}, the projector twice that). Trained together from
-  the start, the language model learnt to guess from the question: "Is there a ...?" was always "no".
-
+{frozen_note}
 {status}Weights are stored in float16. Validation and test scenes come from other seeds than the training ones.
 Accuracy on the test split through transformers and through llava-gguf's GGUF files: docs/benchmarks.md
 (`python bench/accuracy.py`).
