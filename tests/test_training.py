@@ -3,6 +3,7 @@ what the stage trains falls, and what it must leave alone stays as it was. (The 
 and is not part of the suite: `python -m training.train --out DIR`.)"""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,8 +110,6 @@ def test_stage_2_begins_with_the_projector_alone(data, tmp_path):
     assert torch.load(tmp_path / "qa" / "frozen" / "state.pt", weights_only=False)["step"] == 4
     # run again (the stage's model not saved yet), from other initial weights: the frozen phase's weights
     # come from its state, not from training again
-    import shutil
-
     shutil.rmtree(tmp_path / "qa" / "model")
     again = fresh(9)
     T.stage_llava(cfg, tmp_path, data, again, "qa")
