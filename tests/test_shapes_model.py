@@ -139,6 +139,13 @@ def test_shipped_checkpoint_is_a_standard_llava(shipped):
     assert cfg["architectures"] == ["LlavaForConditionalGeneration"]
     assert cfg["text_config"]["hidden_size"] % 256 == 0 and cfg["text_config"]["intermediate_size"] % 256 == 0
     assert cfg["vision_config"]["patch_size"] == 14
+    # float16 weights, and no sub-config claiming another dtype (a stage reloaded from disk says float32 there)
+    from safetensors import safe_open
+
+    with safe_open(shipped / "model.safetensors", "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+    assert cfg["dtype"] == "float16"
+    assert cfg["text_config"].get("dtype", "float16") == cfg["vision_config"].get("dtype", "float16") == "float16"
     assert (shipped / "README.md").read_text().startswith("# shapes-llava")
     assert json.loads((shipped / "training.json").read_text())["task"] == "llava_gguf.shapes"
     assert sum(f.stat().st_size for f in shipped.iterdir()) < 20e6  # a few MB, carried by pip
