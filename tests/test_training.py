@@ -1,5 +1,5 @@
 """The training code of the shipped model, each stage for a few steps on one small batch: the loss of
-what the stage trains falls, and what it must leave alone stays as it was. (The real run takes ~44 min
+what the stage trains falls, and what it must leave alone stays as it was. (The real run takes ~37 min
 and is not part of the suite: `python -m training.train --out DIR`.)"""
 from __future__ import annotations
 
@@ -59,29 +59,36 @@ def test_set_parses_each_field_as_its_type():
     assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and "whiten takes a bool" in p.stderr
 
 
-def test_clip_stage(data):
-    torch.manual_seed(1)
-    model = T.Contrastive(data.cfg, len(data.tok))
-    assert _falls(_losses(model, model.parameters(), T.clip_step(model, data), 2e-4))
+def test_clip_stage_image_caption_contrast_alone(data):
+    """`clip_patch_weight=0`: batches of pixels and captions only, no patch head."""
+    from dataclasses import replace
+
+    kept = data.patches
+    data.patches = None
+    try:
+        torch.manual_seed(1)
+        model = T.Contrastive(replace(data.cfg, clip_patch_weight=0.0), len(data.tok))
+        assert len(data.clip_batch(0)) == 3 and not hasattr(model, "p_proj")
+        assert _falls(_losses(model, model.parameters(), T.clip_step(model, data), 2e-4))
+    finally:
+        data.patches = kept
 
 
 def test_clip_stage_with_the_patch_phrase_contrast(data):
-    """`clip_patch_weight`: stage a's batches carry each patch's label and the phrases, the loss adds the
-    patch/phrase term (larger than the image/caption loss alone on the same batch) and falls."""
-    from dataclasses import replace
-
-    cfg = replace(data.cfg, clip_patch_weight=1.0)
-    data.patches = T.patch_labels(data.scenes, data.pixels)
-    try:
-        torch.manual_seed(1)
-        model = T.Contrastive(cfg, len(data.tok))
-        batch = data.clip_batch(0)
-        assert len(batch) == 6 and batch[3].shape == (cfg.clip_batch, 36) and (batch[3] >= 0).any()
-        with torch.no_grad():
-            assert model(*batch)[0] > model(*batch[:3])[0]
-        assert _falls(_losses(model, model.parameters(), T.clip_step(model, data), 2e-4))
-    finally:
-        data.patches = None
+    """`clip_patch_weight` (on by default): stage a's batches carry each patch's label and the phrases, the
+    loss adds the patch/phrase term (larger than the image/caption loss alone on the same batch) and falls."""
+    assert data.cfg.clip_patch_weight > 0 and data.patches is not None
+    torch.manual_seed(1)
+    model = T.Contrastive(data.cfg, len(data.tok))
+    batch = data.clip_batch(0)
+    assert len(batch) == 6 and batch[3].shape == (data.cfg.clip_batch, 36) and (batch[3] >= 0).any()
+    assert torch.equal(batch[3][: data.cfg.clip_batch // 2],
+                       T.patch_labels([data.scenes[i] for i in range(len(data.scenes))], data.pixels)[
+                           torch.from_numpy(data.rng("clip", 0).choice(len(data.scenes), data.cfg.clip_batch // 2,
+                                                                        replace=False))])
+    with torch.no_grad():
+        assert model(*batch)[0] > model(*batch[:3])[0]
+    assert _falls(_losses(model, model.parameters(), T.clip_step(model, data), 2e-4))
 
 
 def test_patch_labels_name_the_shape_each_patch_shows():
@@ -388,17 +395,30 @@ def test_recitals_name_each_shape_then_its_attribute(data):
     assert kinds == {"color", "shape", "Where", "there"}
 
 
-def test_recital_phase_trains_both_then_the_questions_go_on_after_it(data, tmp_path):
-    """With `qa_recital_steps`, stage 2's phases run frozen -> recitals -> questions: the recital phase
-    trains the language model too, keeps its final state, and the question phase's data starts after
-    both earlier phases' steps."""
+def test_recital_phase_trains_both_then_the_questions_go_on_after_it(data, tmp_path, monkeypatch):
+    """With `qa_recital_steps`, stage 2's phases run frozen -> recitals -> questions: the frozen phase on
+    questions alone, the recital phase on recitals alone and training the language model too (its final
+    state kept), and the question phase's data from the step after both earlier phases' on, with its
+    share of captions and recitals."""
     from dataclasses import replace
 
     torch.manual_seed(10)
     model = T.build_llava(data.cfg, data)
-    cfg = replace(data.cfg, qa_frozen_steps=2, qa_recital_steps=3, qa_steps=0, val_questions=5, whiten=False)
+    cfg = replace(data.cfg, qa_frozen_steps=2, qa_recital_steps=3, qa_steps=2, val_questions=5, whiten=False)
     lm = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    calls = []
+    real = data.llava_groups
+
+    def recorded(stage, step, batch, caption_share, recital_share=0.0):
+        calls.append((step, caption_share, recital_share))
+        return real(stage, step, batch, caption_share, recital_share)
+
+    monkeypatch.setattr(data, "llava_groups", recorded)
     T.stage_llava(cfg, tmp_path, data, model, "qa")
+    monkeypatch.undo()
+    joint = (cfg.qa_caption_share, cfg.qa_recital_share)
+    assert calls == [(0, 0.0, 0.0), (1, 0.0, 0.0), (2, 0.0, 1.0), (3, 0.0, 1.0), (4, 0.0, 1.0),
+                     (5, *joint), (6, *joint)]
     assert torch.load(tmp_path / "qa" / "recital" / "state.pt", weights_only=False)["step"] == 3
     assert not all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm.items())
     features = T.tower_features(model, data.pixels)
