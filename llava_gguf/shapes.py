@@ -114,10 +114,15 @@ class Scene:
             out += [_color_question(s, rng), _shape_question(s, rng), _position_question(s)]
         out.append(Question("count", rng.choice(COUNT_QUESTIONS), COUNTS[len(self.shapes) - 1]))
         present = {(s.color, s.shape) for s in self.shapes}
-        absent = [(c, sh) for c in COLORS for sh in SHAPES
-                  if (c, sh) not in present and any(c == s.color or sh == s.shape for s in self.shapes)]
-        out += [exists_question(self, *rng.choice(sorted(present))), exists_question(self, *rng.choice(absent))]
+        out += [exists_question(self, *rng.choice(sorted(present))), exists_question(self, *rng.choice(self.near_misses()))]
         return out
+
+    def near_misses(self) -> list[tuple[str, str]]:
+        """(colour, shape) pairs not in the scene that share a colour or a shape with one that is, in
+        COLORS x SHAPES order: the absent shapes worth asking about."""
+        present = {(s.color, s.shape) for s in self.shapes}
+        return [(c, sh) for c in COLORS for sh in SHAPES
+                if (c, sh) not in present and any(c == s.color or sh == s.shape for s in self.shapes)]
 
     def mentioned(self, question: Question) -> set[Shape]:
         """The scene's shapes whose colour or kind the question names."""

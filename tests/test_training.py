@@ -83,7 +83,7 @@ def test_clip_stage_with_the_patch_phrase_contrast(data):
     batch = data.clip_batch(0)
     assert len(batch) == 6 and batch[3].shape == (data.cfg.clip_batch, 36) and (batch[3] >= 0).any()
     assert torch.equal(batch[3][: data.cfg.clip_batch // 2],
-                       T.patch_labels([data.scenes[i] for i in range(len(data.scenes))], data.pixels)[
+                       T.patch_labels(data.scenes, data.pixels)[
                            torch.from_numpy(data.rng("clip", 0).choice(len(data.scenes), data.cfg.clip_batch // 2,
                                                                         replace=False))])
     with torch.no_grad():

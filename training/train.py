@@ -306,9 +306,7 @@ class Data:
         items = [((s.shape, s.color), (s.color, s.shape), (f"{s.color} {s.shape}", s.position),
                   (f"{s.color} {s.shape}", "yes"))[kind] for s in sc.shapes]
         if kind == 3:
-            present = {(s.color, s.shape) for s in sc.shapes}
-            absent = [(c, sh) for c in shapes.COLORS for sh in shapes.SHAPES
-                      if (c, sh) not in present and any(c == s.color or sh == s.shape for s in sc.shapes)]
+            absent = sc.near_misses()
             c, sh = absent[int(rng.integers(len(absent)))]
             items.append((f"{c} {sh}", "no"))
         for k in rng.permutation(len(items)):
@@ -347,7 +345,7 @@ class Data:
         return torch.from_numpy(idx), ids, mask, lab
 
     def llava_groups(self, stage: str, step: int, batch: int, caption_share: float, recital_share: float = 0.0):
-        """The same batch with its captions and its conversations padded apart: [(idx, ids, mask, labels)].
+        """The same batch with its captions and its conversations (and recitals) padded apart: [(idx, ids, mask, labels)].
         One optimisation step over both (`llava_step`) is the mixed batch's, without padding every
         question to a caption's length (which made a step ~30% slower). Mixed in one step it must be:
         caption-only and question-only steps gave 64.0% on validation instead of 72.4%."""
@@ -670,7 +668,7 @@ def stage_lm(cfg: Config, out: Path, data: Data):
         return LlamaForCausalLM.from_pretrained(done)
     torch.manual_seed(cfg.seed + 1)
     model = LlamaForCausalLM(text_config(cfg, len(data.tok), data.pad_id))
-    if cfg.text_embed_std != 0.02:
+    if cfg.text_embed_std != model.config.initializer_range:
         with torch.no_grad():
             model.model.embed_tokens.weight.normal_(0.0, cfg.text_embed_std)
     step = lm_step(model, data)
