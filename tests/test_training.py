@@ -347,6 +347,29 @@ def test_conversations_ask_only_what_the_image_answers(data):
     assert turns_seen > 2 * len(d.scenes)
 
 
+def test_position_weight_makes_position_questions_that_much_likelier(data):
+    """qa_position_weight=w: a conversation's first question asks where a shape is w times as often as
+    each other kind (w=1: the uniform draw, which the test above replays)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    d = T.Data.__new__(T.Data)
+    d.__dict__.update(data.__dict__)
+    pos = shapes.QUESTION_KINDS.index("position")
+    for w, share in ((1.0, 1 / 5), (3.0, 3 / 7)):
+        d.cfg = replace(data.cfg, qa_position_weight=w)
+        rng = np.random.default_rng(0)
+        kinds = [d.first_kind(rng) for _ in range(7000)]
+        assert abs(kinds.count(pos) / len(kinds) - share) < 0.02, (w, kinds.count(pos))
+        assert set(kinds) == set(range(len(shapes.QUESTION_KINDS)))
+    d.cfg = replace(data.cfg, qa_position_weight=1e9)
+    for i, sc in enumerate(d.scenes):
+        ids, _ = d.conversation(sc, np.random.default_rng(i))
+        prompt = d.prompt(sc.questions()[pos].text)
+        assert ids[:len(prompt)] == prompt
+
+
 def _every_question(sc: shapes.Scene) -> dict[str, shapes.Question]:
     """Every question the generator can ask about a scene, by its text, with the true answer."""
     Q = shapes.Question

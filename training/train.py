@@ -79,6 +79,7 @@ class Config:
     qa_lr: float = 2e-4  # the language model's (the projector's twice this)
     qa_caption_share: float = 0.1  # of the joint steps' sequences: captions, so the model still describes
     qa_recital_share: float = 0.3  # of the joint steps' sequences: recitals
+    qa_position_weight: float = 1.0  # a first question about position this many times as likely as one of each other kind
     qa_turns: int = 1  # questions per training conversation (>1: follow-up turns, as LLaVA's instruction data)
     whiten: bool = True  # LLaVA stages: the projector trained on PCA-whitened tower features (see Whitening)
     val_questions: int = 250
@@ -256,6 +257,17 @@ class Data:
             labs.append([-100] + lab)
         return self.pad(seqs, labs)
 
+    def first_kind(self, rng: np.random.Generator) -> int:
+        """The kind of a conversation's first question (an index into QUESTION_KINDS): position ones
+        `qa_position_weight` times as likely as each other kind."""
+        n = len(shapes.QUESTION_KINDS)
+        w = self.cfg.qa_position_weight
+        if w == 1.0:
+            return int(rng.integers(n))
+        p = np.ones(n)
+        p[shapes.QUESTION_KINDS.index("position")] = w
+        return int(rng.choice(n, p=p / p.sum()))
+
     def conversation(self, sc: shapes.Scene, rng: np.random.Generator) -> tuple[list[int], list[int]]:
         """A training conversation about one image, as the runtime renders a chat: the first question of
         any kind (what the evaluation asks, alone), then follow-up turns `USER: {question} ASSISTANT:`
@@ -264,7 +276,7 @@ class Data:
         an earlier turn gave away (the shape of a colour once "Where is the red star?" was asked), so
         every answer has to be read from the image. Several answers per image: the 36 image rows, most
         of each sequence's cost, are paid once for all of them."""
-        first = sc.questions()[rng.integers(len(shapes.QUESTION_KINDS))]
+        first = sc.questions()[self.first_kind(rng)]
         ids, lab = self.example(first.text, first.answer.capitalize())
         if self.cfg.qa_turns == 1:
             return ids, lab
