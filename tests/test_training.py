@@ -459,3 +459,39 @@ def test_token_embeddings_start_at_the_configured_scale(data, tmp_path):
     lm = T.stage_lm(cfg, tmp_path, data)
     std = float(lm.model.embed_tokens.weight.std())
     assert 0.9 < std < 1.1
+
+
+def test_export_measures_the_saved_checkpoint_on_the_test_split(data, tmp_path):
+    """`export` saves a float16 checkpoint with training.json and a model card; the test split figures in
+    both are those of the saved weights as transformers loads them (fp32), and the card says "interim"
+    while they are under 95%. A directory this command did not write is not replaced."""
+    import json
+
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(4)
+    model = T.build_llava(data.cfg, data)
+    dest = tmp_path / "m"
+    T.export(data.cfg, model, data, dest, {"qa": {"val_accuracy": 0.5}}, 1.0, test_scenes=3)
+    test = json.loads((dest / "training.json").read_text())["metrics"]["test"]
+    pairs = shapes.test_split(3)
+    assert test["n"] == len(pairs) == 15 and set(test["by_kind"]) == set(shapes.QUESTION_KINDS)
+    saved = LlavaForConditionalGeneration.from_pretrained(dest, dtype=torch.float32)
+    assert next(LlavaForConditionalGeneration.from_pretrained(dest).parameters()).dtype == torch.float16
+    assert test["accuracy"] == shapes.accuracy(shapes.hf_answers(saved, data.tok, pairs), pairs)
+    card = (dest / "README.md").read_text()
+    assert f"transformers at fp32: {test['accuracy']:.1%}" in card
+    assert ("Status: interim" in card) == (test["accuracy"] < 0.95)
+    assert not list(tmp_path.glob("m.*"))  # no .partial or .old left behind
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(SystemExit):
+        T.export(data.cfg, model, data, other, {}, 1.0, test_scenes=1)
+    assert list(other.iterdir()) == []
+
+
+def test_status_note_names_the_kind_left_behind():
+    by_kind = {"color": 1.0, "shape": 0.99, "count": 0.98, "position": 0.73, "exists": 0.998}
+    note = " ".join(T.status_note({"accuracy": 0.944, "by_kind": by_kind}).split())
+    assert note.startswith("**Status: interim**") and "94.4%" in note and "position questions (73.0%" in note and "98.0%-100.0%" in note
+    assert T.status_note({"accuracy": 0.95, "by_kind": by_kind}) == ""
