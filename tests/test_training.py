@@ -77,11 +77,12 @@ def test_clip_stage_image_caption_contrast_alone(data):
 def test_clip_stage_with_the_patch_phrase_contrast(data):
     """`clip_patch_weight` (on by default): stage a's batches carry each patch's label and the phrases, the
     loss adds the patch/phrase term (larger than the image/caption loss alone on the same batch) and falls."""
-    assert data.cfg.clip_patch_weight > 0 and data.patches is not None
+    assert data.cfg.clip_patch_weight > 0 and data.patches is not None and not data.cfg.clip_place_weight
     torch.manual_seed(1)
     model = T.Contrastive(data.cfg, len(data.tok))
     batch = data.clip_batch(0)
     assert len(batch) == 6 and batch[3].shape == (data.cfg.clip_batch, 36) and (batch[3] >= 0).any()
+    assert not hasattr(model, "q_proj")
     assert torch.equal(batch[3][: data.cfg.clip_batch // 2],
                        T.patch_labels(data.scenes, data.pixels)[
                            torch.from_numpy(data.rng("clip", 0).choice(len(data.scenes), data.cfg.clip_batch // 2,
@@ -89,6 +90,27 @@ def test_clip_stage_with_the_patch_phrase_contrast(data):
     with torch.no_grad():
         assert model(*batch)[0] > model(*batch[:3])[0]
     assert _falls(_losses(model, model.parameters(), T.clip_step(model, data), 2e-4))
+
+
+def test_clip_stage_with_the_places(data):
+    """`clip_place_weight` > 0: the batches also carry the 9 places' phrases, and the loss adds each shape
+    patch against its grid cell's place (larger again), through a projection of its own, and falls."""
+    from dataclasses import replace
+
+    cfg = data.cfg
+    data.cfg = replace(cfg, clip_place_weight=0.2)
+    try:
+        torch.manual_seed(1)
+        model = T.Contrastive(data.cfg, len(data.tok))
+        batch = data.clip_batch(0)
+        assert len(batch) == 8 and batch[4].shape[0] == len(T.PHRASES) and batch[6].shape[0] == len(shapes.POSITIONS)
+        assert data.tok.decode(batch[6][0][batch[7][0] > 0], skip_special_tokens=True).strip() == shapes.POSITIONS[0]
+        assert hasattr(model, "q_proj")
+        with torch.no_grad():
+            assert model(*batch)[0] > model(*batch[:6])[0] > model(*batch[:3])[0]
+        assert _falls(_losses(model, model.parameters(), T.clip_step(model, data), 2e-4))
+    finally:
+        data.cfg = cfg
 
 
 def test_patch_labels_name_the_shape_each_patch_shows():
@@ -107,6 +129,8 @@ def test_patch_labels_name_the_shape_each_patch_shows():
             got = {p for p in cell if lab[p] >= 0}
             assert len(got) == 1 if s.size == "small" else len(got) >= 3
             assert {T.PHRASES[lab[p]] for p in got} == {f"{s.color} {s.shape}"}
+            assert {int(T.PATCH_CELLS[p]) for p in cell} == {s.cell}  # the place a patch is contrasted with
+            assert shapes.POSITIONS[s.cell] == s.position
             want |= got
         assert {p for p in range(36) if lab[p] >= 0} == want
 
