@@ -57,6 +57,10 @@ def test_set_parses_each_field_as_its_type():
     p = subprocess.run([sys.executable, "-m", "training.train", "--out", "/nonexistent/x", "--set", "whiten=maybe"],
                        capture_output=True, text=True, cwd=Path(T.__file__).parents[1])
     assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and "whiten takes a bool" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "training.train", "--out", "/nonexistent/x", "--set", "clip_patch_weight=0",
+                        "--set", "clip_place_weight=0.2"], capture_output=True, text=True, cwd=Path(T.__file__).parents[1])
+    assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and "needs clip_patch_weight > 0" in p.stderr
+    assert not Path("/nonexistent/x").exists()
 
 
 def test_clip_stage_image_caption_contrast_alone(data):
@@ -130,7 +134,6 @@ def test_patch_labels_name_the_shape_each_patch_shows():
             assert len(got) == 1 if s.size == "small" else len(got) >= 3
             assert {T.PHRASES[lab[p]] for p in got} == {f"{s.color} {s.shape}"}
             assert {int(T.PATCH_CELLS[p]) for p in cell} == {s.cell}  # the place a patch is contrasted with
-            assert shapes.POSITIONS[s.cell] == s.position
             want |= got
         assert {p for p in range(36) if lab[p] >= 0} == want
 
@@ -387,6 +390,9 @@ def test_position_weight_makes_position_questions_that_much_likelier(data):
         kinds = [d.first_kind(rng) for _ in range(7000)]
         assert abs(kinds.count(pos) / len(kinds) - share) < 0.02, (w, kinds.count(pos))
         assert set(kinds) == set(range(len(shapes.QUESTION_KINDS)))
+    d.cfg = replace(data.cfg, qa_position_weight=1.0)  # the uniform draw: one integers() call, as before the knob
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    assert all(d.first_kind(r1) == int(r2.integers(len(shapes.QUESTION_KINDS))) for _ in range(200))
     d.cfg = replace(data.cfg, qa_position_weight=1e9)
     for i, sc in enumerate(d.scenes):
         ids, _ = d.conversation(sc, np.random.default_rng(i))
