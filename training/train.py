@@ -133,15 +133,21 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 PHRASES = [f"{c} {sh}" for c in shapes.COLORS for sh in shapes.SHAPES]  # what a patch is contrasted with
-_SIDE = shapes.IMAGE_SIZE // 14
+_SIDE = shapes.IMAGE_SIZE // 14  # patches per image side; a grid cell is 2x2 of them
 PATCH_CELLS = torch.tensor([(p // _SIDE // 2) * 3 + p % _SIDE // 2 for p in range(_SIDE * _SIDE)])  # grid cell per patch
+CELL_PATCHES = [[p for p in range(_SIDE * _SIDE) if PATCH_CELLS[p] == c] for c in range(9)]  # patches per grid cell
+
+
+def kinds_text(by_kind: dict[str, float]) -> str:
+    """Accuracy per question kind, as the logs and the model card print it."""
+    return ", ".join(f"{k} {v:.1%}" for k, v in by_kind.items())
 
 
 def patch_labels(scenes: list[shapes.Scene], pixels: np.ndarray, min_pixels: int = 20) -> torch.Tensor:
     """Per image and patch (14x14 pixels, row-major), the index in PHRASES of the shape the patch shows (at
     least `min_pixels` of its pixels away from the background colour), or -1. A patch lies in one grid cell
     (2x2 patches) and a cell holds at most one shape, so the shape is the cell's."""
-    side = shapes.IMAGE_SIZE // 14
+    side = _SIDE
     out = torch.full((len(scenes), side * side), -1, dtype=torch.long)
     for k in range(0, len(scenes), 1000):
         px = pixels[k:k + 1000].astype(np.int16)
@@ -149,11 +155,9 @@ def patch_labels(scenes: list[shapes.Scene], pixels: np.ndarray, min_pixels: int
         away = (np.abs(px - bg).sum(-1) > 90).reshape(len(px), side, 14, side, 14).sum((2, 4)) >= min_pixels
         for j, sc in enumerate(scenes[k:k + 1000]):
             for s in sc.shapes:
-                row, col = divmod(s.cell, 3)
-                for pr in (2 * row, 2 * row + 1):
-                    for pc in (2 * col, 2 * col + 1):
-                        if away[j, pr, pc]:
-                            out[k + j, pr * side + pc] = PHRASES.index(f"{s.color} {s.shape}")
+                for p in CELL_PATCHES[s.cell]:
+                    if away[j, p // side, p % side]:
+                        out[k + j, p] = PHRASES.index(f"{s.color} {s.shape}")
     return out
 
 
@@ -792,7 +796,7 @@ def stage_llava(cfg: Config, out: Path, data: Data, model, name: str):
     values = {"val_accuracy": acc, "val_n": len(pairs), "minutes": secs / 60}
     if name == "qa":
         values["by_kind"] = shapes.accuracy_by_kind(answers, pairs)
-        log("[qa] by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in values["by_kind"].items()))
+        log("[qa] by kind: " + kinds_text(values["by_kind"]))
     _metrics(out, name, values)
     _save(model, done)
     return model
@@ -820,7 +824,7 @@ def export(cfg: Config, model, data: Data, dest: Path, metrics: dict, minutes: f
     metrics = {**metrics, "test": {"accuracy": shapes.accuracy(answers, pairs), "n": len(pairs), "scenes": test_scenes,
                                    "by_kind": shapes.accuracy_by_kind(answers, pairs)}}
     log(f"test split: answers {metrics['test']['accuracy']:.1%} of {len(pairs)}; by kind: "
-        + ", ".join(f"{k} {v:.1%}" for k, v in metrics["test"]["by_kind"].items()))
+        + kinds_text(metrics["test"]["by_kind"]))
     for f in data.tok_dir.iterdir():
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
@@ -864,12 +868,12 @@ def model_card(cfg: Config, cfgj: dict, metrics: dict, minutes: float) -> str:
         v = metrics.get(stage, {}).get(key)
         return f"{v:.1%}" if isinstance(v, float) else "n/a"
 
-    by_kind = ", ".join(f"{k} {v:.1%}" for k, v in metrics.get("qa", {}).get("by_kind", {}).items()) or "n/a"
+    by_kind = kinds_text(metrics.get("qa", {}).get("by_kind", {})) or "n/a"
     test = metrics.get("test", {})
     status = status_note(test)
     test_line = (f"On the test split ({test['n']:,} questions: every question of {test['scenes']} test scenes), through\n"
                  f"transformers at fp32: {test['accuracy']:.1%}; by kind: "
-                 + ", ".join(f"{k} {v:.1%}" for k, v in test["by_kind"].items()) + ".\n") if test else ""
+                 + kinds_text(test["by_kind"]) + ".\n") if test else ""
     frozen_note = (f"""- Stage 2 begins with the projector alone on the questions ({cfg.qa_frozen_steps} steps, language model
   frozen), then trains both ({'recitals, below, then ' if cfg.qa_recital_steps else ''}questions at {cfg.qa_lr:g}, the projector twice that). Trained together from
   the start, the language model learnt to guess from the question: "Is there a ...?" was always "no".
