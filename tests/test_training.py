@@ -525,3 +525,19 @@ def test_status_note_names_the_kind_left_behind():
     note = " ".join(T.status_note({"accuracy": 0.944, "by_kind": by_kind}).split())
     assert note.startswith("**Status: interim**") and "94.4%" in note and "position questions (73.0%" in note and "98.0%-100.0%" in note
     assert T.status_note({"accuracy": 0.95, "by_kind": by_kind}) == ""
+
+
+def test_a_run_directory_from_before_a_field_existed_is_the_same_run(tmp_path):
+    """`same_run`: a stored config.json without a field that was added since is the run with that field at
+    its default, not at another value; a config that differs in a stored field is another run."""
+    import json
+    from dataclasses import asdict, replace
+
+    stored = tmp_path / "config.json"
+    assert T.same_run(stored, T.Config())  # nothing stored yet
+    old = asdict(T.Config())
+    del old["qa_position_weight"]
+    stored.write_text(json.dumps(old))
+    assert T.same_run(stored, T.Config())
+    assert not T.same_run(stored, replace(T.Config(), qa_position_weight=3.0))
+    assert not T.same_run(stored, T.Config(seed=1))

@@ -971,6 +971,12 @@ Accuracy on the test split through transformers and through llava-gguf's GGUF fi
 """
 
 
+def same_run(stored: Path, cfg: Config) -> bool:
+    """Whether a run directory's config.json (if any) is `cfg`'s run. A run written before a field existed
+    ran with what is now its default, so a missing field counts as the default."""
+    return not stored.is_file() or {**asdict(Config()), **json.loads(stored.read_text())} == asdict(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="run directory (stage checkpoints; resumable)")
@@ -990,11 +996,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stored = args.out / "config.json"
-    # a run written before a field existed ran with what is now its default
-    if stored.is_file() and {**asdict(Config()), **json.loads(stored.read_text())} != asdict(cfg):
+    if not same_run(args.out / "config.json", cfg):
         sys.exit(f"{args.out} holds a run with another configuration (seed, --steps-scale or --set): use a new --out")
-    stored.write_text(json.dumps(asdict(cfg), indent=2))
+    (args.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     t0 = time.perf_counter()
     tok_dir = args.out / "tokenizer"
     if not tok_dir.is_dir():
