@@ -19,7 +19,7 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    cfg = T.Config(train_scenes=32, clip_batch=16, lm_batch=8, proj_batch=8, qa_batch=8)
+    cfg = T.Config(train_scenes=32, clip_batch=16, lm_batch=8, proj_batch=8, qa_batch=8, qa_polish_steps=0)
     tok = tmp_path_factory.mktemp("tok")
     T.write_tokenizer(tok, shapes.corpus(300), sp_vocab=cfg.sp_vocab, image_size=shapes.IMAGE_SIZE)
     torch.manual_seed(0)
@@ -115,6 +115,30 @@ def test_clip_stage_with_the_places(data):
         assert _falls(_losses(model, model.parameters(), T.clip_step(model, data), 2e-4))
     finally:
         data.cfg = cfg
+
+
+def test_grid_positions_say_where_each_patch_is(data):
+    """`vision_position_std`: the tower's position table starts as a 2-D sine/cosine grid of that scale (the
+    class token's row zero, every patch's row distinct, the patch's row and column a linear function of it),
+    and nothing else of the model's initialisation changes: at 0 the table is transformers' own (std 0.02)
+    and every other weight is the same draw, so the shipped run's configuration still reproduces it."""
+    from dataclasses import replace
+
+    g = T.grid_positions(6, 128, 0.5)
+    assert g.shape == (37, 128) and not g[0].any() and abs(g[1:].std().item() - 0.5) < 1e-4
+    assert torch.cdist(g[1:], g[1:]).add(torch.eye(36) * 1e9).min() > 0.1  # 36 distinct places
+    where = torch.tensor([divmod(i, 6) for i in range(36)], dtype=torch.float64)
+    x = torch.cat([g[1:].double(), torch.ones(36, 1, dtype=torch.float64)], 1)
+    assert (x @ torch.linalg.pinv(x) @ where - where).abs().max() < 1e-6
+
+    models = []
+    for std in (0.0, 0.5):
+        torch.manual_seed(1)
+        models.append(T.Contrastive(replace(data.cfg, vision_position_std=std), len(data.tok)))
+    name = "vision.embeddings.position_embedding.weight"
+    plain, grid = (dict(m.state_dict()) for m in models)
+    assert torch.equal(grid[name], g) and abs(plain[name].std().item() - 0.02) < 0.005
+    assert plain.keys() == grid.keys() and all(torch.equal(plain[k], grid[k]) for k in plain if k != name)
 
 
 def test_patch_labels_name_the_shape_each_patch_shows():
@@ -398,6 +422,10 @@ def test_position_weight_makes_position_questions_that_much_likelier(data):
         ids, _ = d.conversation(sc, np.random.default_rng(i))
         prompt = d.prompt(sc.questions()[pos].text)
         assert ids[:len(prompt)] == prompt
+    d.cfg = replace(data.cfg, qa_position_weight=1.0)  # the polish phase's weight, passed past the config's
+    for i, sc in enumerate(d.scenes):
+        ids, _ = d.conversation(sc, np.random.default_rng(i), position_weight=1e9)
+        assert ids[:len(d.prompt(sc.questions()[pos].text))] == d.prompt(sc.questions()[pos].text)
 
 
 def _every_question(sc: shapes.Scene) -> dict[str, shapes.Question]:
@@ -452,27 +480,33 @@ def test_recital_phase_trains_both_then_the_questions_go_on_after_it(data, tmp_p
     """With `qa_recital_steps`, stage 2's phases run frozen -> recitals -> questions: the frozen phase on
     questions alone, the recital phase on recitals alone and training the language model too (its final
     state kept), and the question phase's data from the step after both earlier phases' on, with its
-    share of captions and recitals."""
+    share of captions and recitals. With `qa_polish_steps`, the polish phase follows the question phase
+    (whose final state is then kept too) on the data after it, first questions drawn with
+    `qa_polish_position_weight` and every earlier phase's with `qa_position_weight`."""
     from dataclasses import replace
 
     torch.manual_seed(10)
     model = T.build_llava(data.cfg, data)
-    cfg = replace(data.cfg, qa_frozen_steps=2, qa_recital_steps=3, qa_steps=2, val_questions=5, whiten=False)
+    cfg = replace(data.cfg, qa_frozen_steps=2, qa_recital_steps=3, qa_steps=2, qa_polish_steps=2, val_questions=5,
+                  whiten=False)
     lm = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
     calls = []
     real = data.llava_groups
 
-    def recorded(stage, step, batch, caption_share, recital_share=0.0):
-        calls.append((step, caption_share, recital_share))
-        return real(stage, step, batch, caption_share, recital_share)
+    def recorded(stage, step, batch, caption_share, recital_share=0.0, position_weight=None):
+        calls.append((step, caption_share, recital_share, position_weight))
+        return real(stage, step, batch, caption_share, recital_share, position_weight)
 
     monkeypatch.setattr(data, "llava_groups", recorded)
     T.stage_llava(cfg, tmp_path, data, model, "qa")
     monkeypatch.undo()
     joint = (cfg.qa_caption_share, cfg.qa_recital_share)
-    assert calls == [(0, 0.0, 0.0), (1, 0.0, 0.0), (2, 0.0, 1.0), (3, 0.0, 1.0), (4, 0.0, 1.0),
-                     (5, *joint), (6, *joint)]
+    w = cfg.qa_polish_position_weight
+    assert w != cfg.qa_position_weight
+    assert calls == [(0, 0.0, 0.0, None), (1, 0.0, 0.0, None), (2, 0.0, 1.0, None), (3, 0.0, 1.0, None),
+                     (4, 0.0, 1.0, None), (5, *joint, None), (6, *joint, None), (7, *joint, w), (8, *joint, w)]
     assert torch.load(tmp_path / "qa" / "recital" / "state.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "qa" / "state.pt", weights_only=False)["step"] == 2
     assert not all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm.items())
     features = T.tower_features(model, data.pixels)
     step = T.llava_step(model, data, "qa", features, share=0.0, recitals=1.0)
@@ -529,7 +563,8 @@ def test_status_note_names_the_kind_left_behind():
 
 def test_a_run_directory_from_before_a_field_existed_is_the_same_run(tmp_path):
     """`same_run`: a stored config.json without a field that was added since is the run with that field at
-    its default, not at another value; a config that differs in a stored field is another run."""
+    its default (or, where the default is not what such a run did, at `BEFORE_FIELD`'s value), not at another
+    value; a config that differs in a stored field is another run."""
     import json
     from dataclasses import asdict, replace
 
@@ -541,3 +576,8 @@ def test_a_run_directory_from_before_a_field_existed_is_the_same_run(tmp_path):
     assert T.same_run(stored, T.Config())
     assert not T.same_run(stored, replace(T.Config(), qa_position_weight=3.0))
     assert not T.same_run(stored, T.Config(seed=1))
+    # a run from before the polish phase had none: it is the run with qa_polish_steps=0, not the default's
+    del old["qa_polish_steps"], old["qa_polish_lr"], old["qa_polish_position_weight"]
+    stored.write_text(json.dumps(old))
+    assert T.Config().qa_polish_steps and not T.same_run(stored, T.Config())
+    assert T.same_run(stored, replace(T.Config(), qa_polish_steps=0))
