@@ -99,17 +99,16 @@ def test_runtime_prompt_is_the_training_prompt(shipped, gguf_files):
 
 
 def test_shipped_model_answers_correctly_in_transformers(hf_reference, sample):
-    """The issue's check: >= 95% through transformers fp32 on the suite's fixed sample (96.5% here: colour,
-    shape and "is there" 100%, count 97.5%, position 85%), and no kind of question left near chance:
-    position, what the model still gets wrong most, above 75%, every other kind above 95%. On the whole
-    test split (bench/accuracy.py) the model has 94.4%, position 73.4%: the target is not met there yet,
-    and the issue stays open."""
+    """The issue's check: >= 95% through transformers fp32 on the suite's fixed sample (97.0% here: colour,
+    shape, count and "is there" 100%, position 85%), and no kind of question left near chance: position,
+    what the model still gets wrong most, at least 80%, every other kind above 95%. On the whole test split
+    (bench/accuracy.py) the model has 96.8%, position 84.4%."""
     acc = shapes.accuracy(hf_reference, sample)
     assert acc >= 0.95, f"transformers fp32 accuracy {acc:.3f}"
     by_kind = shapes.accuracy_by_kind(hf_reference, sample)
     assert set(by_kind) == set(shapes.QUESTION_KINDS)
     for kind in shapes.QUESTION_KINDS:
-        assert by_kind[kind] >= (0.75 if kind == "position" else 0.95), (kind, by_kind)
+        assert by_kind[kind] >= (0.8 if kind == "position" else 0.95), (kind, by_kind)
 
 
 @pytest.mark.parametrize("label,bound", [("F32", 0.99), ("F16", 0.99), ("Q8_0", 0.98)])
