@@ -47,6 +47,7 @@ def _falls(losses: list[float]) -> bool:
 def test_set_parses_each_field_as_its_type():
     """`python -m training.train --set FIELD=VALUE`: ints, floats and booleans by name ("false" is False,
     not the truthy string), and a one-line error for an unknown field or a value of the wrong type."""
+    assert T.Config().scaled(0.1).qa_polish_steps == T.Config().qa_polish_steps // 10  # --steps-scale covers it
     cfg = T.with_fields(T.Config(), ["qa_steps=10", "qa_lr=3e-4", "whiten=false"])
     assert (cfg.qa_steps, cfg.qa_lr, cfg.whiten) == (10, 3e-4, False)
     assert T.with_fields(cfg, ["whiten=True"]).whiten is True
@@ -507,6 +508,19 @@ def test_recital_phase_trains_both_then_the_questions_go_on_after_it(data, tmp_p
                      (4, 0.0, 1.0, None), (5, *joint, None), (6, *joint, None), (7, *joint, w), (8, *joint, w)]
     assert torch.load(tmp_path / "qa" / "recital" / "state.pt", weights_only=False)["step"] == 3
     assert torch.load(tmp_path / "qa" / "state.pt", weights_only=False)["step"] == 2
+    # interrupted in the polish phase (the stage's model not saved, the polish phase's state not either): run
+    # again (the same assembled model: the frozen tower's features are computed before any state loads),
+    # every earlier phase loads its final state and only the polish phase trains, to the same weights
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    shutil.rmtree(tmp_path / "qa" / "model")
+    calls.clear()
+    torch.manual_seed(10)
+    again = T.build_llava(data.cfg, data)
+    monkeypatch.setattr(data, "llava_groups", recorded)
+    T.stage_llava(cfg, tmp_path, data, again, "qa")
+    monkeypatch.undo()
+    assert calls == [(7, *joint, w), (8, *joint, w)]
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in final.items())
     assert not all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm.items())
     features = T.tower_features(model, data.pixels)
     step = T.llava_step(model, data, "qa", features, share=0.0, recitals=1.0)

@@ -442,8 +442,9 @@ class Contrastive(torch.nn.Module):
         self.vision = CLIPVisionModel(vision_config(cfg))
         if cfg.vision_position_std:
             with torch.no_grad():
-                self.vision.embeddings.position_embedding.weight.copy_(grid_positions(shapes.IMAGE_SIZE // 14, cfg.vision_hidden,
-                                                                   cfg.vision_position_std))
+                side = shapes.IMAGE_SIZE // self.vision.config.patch_size
+                table = grid_positions(side, cfg.vision_hidden, cfg.vision_position_std)
+                self.vision.embeddings.position_embedding.weight.copy_(table)
         self.text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=128, intermediate_size=512,
                                                  num_hidden_layers=2, num_attention_heads=4,
                                                  max_position_embeddings=64, hidden_act="quick_gelu",
@@ -938,12 +939,12 @@ def model_card(cfg: Config, cfgj: dict, metrics: dict, minutes: float) -> str:
   features found its cell 15% of the time without, chance 11%, and nearly always with it), but stage 2 then
   lost the shape lookup (the second contrast at weight 1: 67.6% on validation, shape questions 24%; at
   weight 0.2: 67.8% on the test split, shape 37.8%, position itself 71.0%; the recital phase ended at 77%
-  answer tokens, the shipped run's 95%); so did starting the tower's position embeddings as a 2-D
+  answer tokens, the shipped run's 95%)""" + ("" if cfg.vision_position_std else """; so did starting the tower's position embeddings as a 2-D
   sine/cosine table of standard deviation 0.5 (`vision_position_std`; transformers starts them at 0.02, and
-  after this stage a they were still 0.03 against patch embeddings of ~0.5): the probe found the cell 99.9%
+  after stage a they were still 0.03 against patch embeddings of ~0.5): the probe found the cell 99.9%
   of the time, caption retrieval rose to 97.7%, and stage 2 lost the lookup altogether (68.2% on the test
-  split; a colour question got another shape's colour). Position is read from where a shape's rows are
-  among the 36 instead.
+  split; a colour question got another shape's colour)""") + """. Position is read from where a shape's rows
+  are among the 36 instead.
 """
     if cfg.text_embed_std != 0.02:
         lookup_note += f"""- The language model's token embeddings start at standard deviation {cfg.text_embed_std:g}, not transformers' 0.02.
@@ -964,15 +965,17 @@ def model_card(cfg: Config, cfgj: dict, metrics: dict, minutes: float) -> str:
   split, every other kind 98.8-100%{why}).
 """
     if cfg.qa_polish_steps:
-        lookup_note += f"""- Stage 2 ends with a polish phase ({cfg.qa_polish_steps} steps at {cfg.qa_polish_lr:g}, the projector twice that) whose
-  first questions ask where a shape is {cfg.qa_polish_position_weight:g} times as often as each other kind. Without it,
-  position was the one kind left behind (73.4% on the test split, every other kind 98.8-100%): the
+        lookup_note += f"""- Stage 2 ends with a polish phase ({cfg.qa_polish_steps} steps at {cfg.qa_polish_lr:g}, the projector twice
+  that) whose first questions ask where a shape is {cfg.qa_polish_position_weight:g} times as often as each other kind."""
+        if cfg.qa_position_weight == 1.0 and not (cfg.clip_place_weight or cfg.vision_position_std):
+            lookup_note += """ Without
+  it, position was the one kind left behind (73.4% on the test split, every other kind 98.8-100%): the
   tower's features hardly say where a shape is, and the language model reads it from the place of the
   shape's rows among the 36. Asked about more often from the start of the question phase (weight 3 for
   3,200 steps), position rose to 87.8% but colour fell to 90.0% and "is there" to 96.2%; asked about more
   often only after the lookups are learnt, at a lower rate, it rises without costing them (on the test
-  split: 800 polish steps 96.2%, position 82.0%; 1,000 steps 96.1%, 81.8%; 1,200 steps 96.8%, 84.4%).
-"""
+  split: 800 polish steps 96.2%, position 82.0%; 1,000 steps 96.1%, 81.8%; 1,200 steps 96.8%, 84.4%)."""
+        lookup_note += "\n"
     if cfg.qa_recital_steps:
         lookup_note += f"""- Stage 2's {'second' if cfg.qa_frozen_steps else 'first'} phase ({cfg.qa_recital_steps} steps) trains on recitals: the image, then each shape named and
   followed by one attribute (`color star Purple circle Red`, `shape red Star`, `Where red star Top left`,
@@ -985,7 +988,7 @@ def model_card(cfg: Config, cfgj: dict, metrics: dict, minutes: float) -> str:
     return f"""# shapes-llava: a small LLaVA-1.5 trained on synthetic shapes
 
 A LLaVA-1.5-architecture model (CLIP ViT vision tower, 2-layer GELU projector, LLaMA language model) trained
-from scratch by `python -m training.train` in {minutes:.0f} minutes on a 2-core CPU, on the synthetic
+from scratch by `python -m training.train` in {minutes:.1f} minutes on a 2-core CPU, on the synthetic
 visual question-answering task of `llava_gguf.shapes`: 84x84 images with one to three coloured shapes
 (circle, square, triangle, star, diamond; red, green, blue, yellow, purple, orange; small or large) in a
 3x3 grid, on plain or noisy backgrounds. It answers short questions about them:
@@ -1061,7 +1064,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)
     if not same_run(args.out / "config.json", cfg):
-        sys.exit(f"{args.out} holds a run with another configuration (seed, --steps-scale or --set): use a new --out")
+        hint = ("; a run from before the polish phase goes on with --set qa_polish_steps=0"
+                if "qa_polish_steps" not in json.loads((args.out / "config.json").read_text()) else "")
+        sys.exit(f"{args.out} holds a run with another configuration (seed, --steps-scale or --set): use a new --out{hint}")
     (args.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     t0 = time.perf_counter()
     tok_dir = args.out / "tokenizer"
