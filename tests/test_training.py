@@ -426,7 +426,8 @@ def test_position_weight_makes_position_questions_that_much_likelier(data):
     d.cfg = replace(data.cfg, qa_position_weight=1.0)  # the polish phase's weight, passed past the config's
     for i, sc in enumerate(d.scenes):
         ids, _ = d.conversation(sc, np.random.default_rng(i), position_weight=1e9)
-        assert ids[:len(d.prompt(sc.questions()[pos].text))] == d.prompt(sc.questions()[pos].text)
+        prompt = d.prompt(sc.questions()[pos].text)
+        assert ids[:len(prompt)] == prompt
 
 
 def _every_question(sc: shapes.Scene) -> dict[str, shapes.Question]:
@@ -595,3 +596,10 @@ def test_a_run_directory_from_before_a_field_existed_is_the_same_run(tmp_path):
     stored.write_text(json.dumps(old))
     assert T.Config().qa_polish_steps and not T.same_run(stored, T.Config())
     assert T.same_run(stored, replace(T.Config(), qa_polish_steps=0))
+    # the command refuses it in one line, naming the way on only where that way is this run
+    for sets, hint in (([], True), (["--set", "qa_lr=1e-3"], False)):
+        p = subprocess.run([sys.executable, "-m", "training.train", "--out", str(tmp_path), *sets],
+                           capture_output=True, text=True, cwd=Path(T.__file__).parents[1])
+        assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and "another configuration" in p.stderr
+        assert ("--set qa_polish_steps=0" in p.stderr) == hint, p.stderr
+    assert json.loads(stored.read_text()) == old and sorted(f.name for f in tmp_path.iterdir()) == ["config.json"]

@@ -24,7 +24,7 @@ import shutil
 import sys
 import textwrap
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +94,6 @@ class Config:
     val_questions: int = 250
 
     def scaled(self, k: float) -> Config:
-        from dataclasses import replace
-
         return replace(self, **{f: max(2, int(getattr(self, f) * k)) if getattr(self, f) else 0
                                 for f in ("clip_steps", "lm_steps", "proj_steps", "qa_frozen_steps", "qa_recital_steps",
                                           "qa_steps", "qa_polish_steps")})
@@ -106,7 +104,7 @@ STAGES = ("clip", "lm", "projector", "qa")
 
 def with_fields(cfg: Config, assignments: list[str]) -> Config:
     """`cfg` with FIELD=VALUE assignments applied (values parsed as the field's type)."""
-    from dataclasses import fields, replace
+    from dataclasses import fields
 
     types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
     changes = {}
@@ -816,14 +814,13 @@ def stage_llava(cfg: Config, out: Path, data: Data, model, name: str):
                           llava_step(model, data, name, features, share=0.0, recitals=1.0, offset=cfg.qa_frozen_steps),
                           keep_final=True)
     polish = name == "qa" and cfg.qa_polish_steps
+    offset = cfg.qa_frozen_steps + cfg.qa_recital_steps if name == "qa" else 0  # the phases before this one
     secs += run_stage(name, out, model, llava_params(model, name), steps, lr,
-                      llava_step(model, data, name, features,
-                                 offset=cfg.qa_frozen_steps + cfg.qa_recital_steps if name == "qa" else 0),
-                      keep_final=bool(polish))
+                      llava_step(model, data, name, features, offset=offset), keep_final=bool(polish))
     if polish:
         secs += run_stage("qa/polish", out, model, llava_params(model, name), cfg.qa_polish_steps, cfg.qa_polish_lr,
-                          llava_step(model, data, name, features, offset=cfg.qa_frozen_steps + cfg.qa_recital_steps
-                                     + cfg.qa_steps, position_weight=cfg.qa_polish_position_weight))
+                          llava_step(model, data, name, features, offset=offset + steps,
+                                     position_weight=cfg.qa_polish_position_weight))
     if white:
         white.remove(model)
     model.eval()
@@ -1064,8 +1061,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)
     if not same_run(args.out / "config.json", cfg):
-        hint = ("; a run from before the polish phase goes on with --set qa_polish_steps=0"
-                if "qa_polish_steps" not in json.loads((args.out / "config.json").read_text()) else "")
+        hint = ("; it is this run without the polish phase: go on with --set qa_polish_steps=0"
+                if cfg.qa_polish_steps and same_run(args.out / "config.json", replace(cfg, qa_polish_steps=0)) else "")
         sys.exit(f"{args.out} holds a run with another configuration (seed, --steps-scale or --set): use a new --out{hint}")
     (args.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     t0 = time.perf_counter()
