@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import LlavaGgufError
+from .errors import InvalidSetting, LlavaGgufError, LlavaGgufWarning
 
 __version__ = "0.1.0"
-__all__ = ["LLaVA", "LlavaGgufError", "convert_checkpoint", "__version__"]
+__all__ = ["LLaVA", "LlavaGgufError", "LlavaGgufWarning", "InvalidSetting", "convert_checkpoint", "__version__"]
 
 if TYPE_CHECKING:
     from .convert import convert_checkpoint

@@ -282,12 +282,13 @@ def chat(
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     model: Optional[Path] = typer.Option(None, "--model", help="the LLM .gguf, when the directory has several"),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="the mmproj .gguf"),
-    temp: float = typer.Option(0.2, "--temp", min=0.0, help="sampling temperature (0 = greedy)"),
-    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0),
-    top_k: int = typer.Option(40, "--top-k", min=0),
-    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", min=0.0),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    max_tokens: int = typer.Option(256, "--max-tokens", min=1),
+    # ranges are checked by the library (sampling_settings), so the CLI and the API say the same thing
+    temp: float = typer.Option(0.2, "--temp", help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling, in (0, 1]"),
+    top_k: int = typer.Option(40, "--top-k", help="0: all tokens"),
+    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", help="greater than 0 (1: none)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="0 to 4294967294 (default or -1: random)"),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="at least 1"),
     n_ctx: Optional[int] = typer.Option(None, "--ctx", "--n-ctx", min=64, help="context size (default: fits the image)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="layers to offload (-1: all)"),
@@ -297,16 +298,21 @@ def chat(
     """Ask about images: with --prompt one answer streamed to stdout, otherwise an interactive chat."""
     from .runtime.locate import locate_pair
     from .runtime.model import LLaVA
+    from .runtime.settings import check_text, sampling_settings
 
     if prompt is None and (json_out or "-" in (image or [])):
         raise LlavaGgufError("--json and --image - need --prompt", "the interactive session reads your questions from stdin")
+    sampling = dict(temperature=temp, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed,
+                    max_tokens=max_tokens)
+    sampling_settings(**sampling)  # a bad setting fails now, before anything loads
+    for text, what in ((prompt, "the prompt"), (system, "the system prompt")):
+        if text is not None:
+            check_text(text, what)  # an argument that is not UTF-8 arrives surrogate-escaped
     images = [_read_image_arg(i) for i in image or []]
     from .runtime.images import load_image
 
     for im in images:
         load_image(im)  # a bad image fails now, before the model loads
-    sampling = dict(temperature=temp, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed,
-                    max_tokens=max_tokens)
     llm_path, mmproj_path = locate_pair(path, model, mmproj)
     with LLaVA(llm_path, mmproj_path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, seed=seed,
                verbose=verbose) as m:
@@ -412,6 +418,26 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _one_line_warnings() -> None:
+    """Every warning the CLI shows is one line on stderr: ours as `warning: <text>`, anything a library
+    raises through Python's warnings as `warning: <Category>: <text>` (no source line, no path)."""
+    import warnings
+
+    from .errors import LlavaGgufWarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        text = " ".join(str(message).split())
+        if not issubclass(category, LlavaGgufWarning):
+            text = f"{category.__name__}: {text}"
+        try:
+            sys.stderr.write(f"warning: {text}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    warnings.showwarning = show
+
+
 def _click_exceptions():
     """typer >= 0.17 carries its own copy of click; older ones use click itself."""
     try:
@@ -426,6 +452,7 @@ def _click_exceptions():
 def main() -> None:
     cx, Abort = _click_exceptions()
     _quiet_libraries()
+    _one_line_warnings()
     try:
         rv = app(standalone_mode=False)
     except cx.NoArgsIsHelpError:

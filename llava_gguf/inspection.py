@@ -1,135 +1,40 @@
 """`inspect`: what a checkpoint directory or a GGUF file holds, and what is wrong with it.
 
-For an mmproj, the defects reported are the ones this llama.cpp's libmtmd (tools/mtmd/clip.cpp and
-models/llava.cpp) turns into wrong image features or a failed load; each says whether `repair` can fix
-it. See shared/llava-upstream-defects.md."""
+A GGUF is first walked the way llama.cpp's gguf.cpp reads it (a file it cannot parse is a one-line error,
+naming truncation when that is the cause); then every condition that makes llama.cpp (LLM) or libmtmd
+(mmproj: tools/mtmd/clip.cpp and models/llava.cpp) refuse the file, abort, or compute something else is a
+defect, each saying whether `repair` can fix it. See shared/llava-upstream-defects.md."""
 from __future__ import annotations
 
+import stat
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import LlavaGgufError
+from .gguf_checks import (FEATURE_LAYER_KEY, _count, chat_template_defects, llm_defects, mmproj_defects,
+                          mmproj_layers, read_metadata as _metadata, vocab_defects)
+from .gguf_layout import file_kind, layout_defects, read_gguf_layout
 
-FEATURE_LAYER_KEY = "clip.vision.feature_layer"
-# projector types that clip.cpp runs through the llava graph (models/llava.cpp)
-LLAVA_GRAPH_PROJECTORS = ("mlp", "mlp_norm", "ldp", "ldpv2")
-_LONG_ARRAY = 16  # arrays longer than this (token lists, scores) are summarised in the metadata
-
-
-@dataclass(frozen=True)
-class Defect:
-    code: str
-    message: str
-    repairable: bool
 
 
 def inspect_path(path: Path | str, clip: Path | str | None = None) -> dict:
     path = Path(path)
     if path.is_dir():
         return inspect_checkpoint(path, clip)
-    if not path.exists():
-        raise LlavaGgufError(f"{path} does not exist", "give a checkpoint directory or a .gguf file")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise LlavaGgufError(f"{path} does not exist", "give a checkpoint directory or a .gguf file") from None
+    except OSError as e:  # a dangling link loop, a permission denied on the way
+        raise LlavaGgufError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):  # never open a FIFO (it blocks) or read a device
+        raise LlavaGgufError(f"{path} is not a regular file ({file_kind(mode)})",
+                             "give a checkpoint directory or a .gguf file")
     return inspect_gguf(path)
 
 
-# ------------------------------------------------------------------------------------------------ GGUF
-def _metadata(reader) -> dict:
-    import gguf
-
-    out: dict = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > _LONG_ARRAY:
-            sub = field.types[-1].name if len(field.types) > 1 else "?"
-            out[name] = {"array": sub, "length": len(field.data)}
-            continue
-        out[name] = _plain(field.contents())
-    return out
-
-
-def _plain(v):
-    """JSON-ready: numpy scalars as Python numbers, lists element-wise."""
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        return v.item()
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    return v
-
-
-def _field_types(reader, key: str) -> list:
-    f = reader.fields.get(key)
-    return [] if f is None else list(f.types)
-
-
-def mmproj_layers(meta: dict, tensor_names: list[str]) -> dict:
-    """How many vision blocks the file stores, declares, and how many libmtmd's llava graph runs
-    (models/llava.cpp: up to the deepest feature layer; with none, or only negative ones, "the second to
-    last layer", block_count - 1)."""
-    import re
-
-    stored = sorted({int(m[1]) for n in tensor_names if (m := re.match(r"^v\.blk\.(\d+)\.", n))})
-    declared = meta.get("clip.vision.block_count")
-    feature = meta.get(FEATURE_LAYER_KEY)
-    feature = feature if isinstance(feature, list) else ([feature] if isinstance(feature, int) else None)
-    deepest = max(feature) if feature else -1
-    if deepest >= 0:
-        runs = deepest
-    elif isinstance(declared, int):
-        runs = declared - 1
-    else:
-        runs = None
-    return {"stored_blocks": len(stored), "block_count": declared, "feature_layer": feature, "layers_run": runs,
-            "_stored": stored}
-
-
-def mmproj_defects(reader, meta: dict, tensor_names: list[str]) -> list[Defect]:
-    import gguf
-
-    if meta.get("clip.projector_type") not in LLAVA_GRAPH_PROJECTORS or not meta.get("clip.has_vision_encoder", True):
-        return []
-    layers = mmproj_layers(meta, tensor_names)
-    n_stored, declared = layers["stored_blocks"], layers["block_count"]
-    out: list[Defect] = []
-    types = _field_types(reader, FEATURE_LAYER_KEY)
-    feature = layers["feature_layer"]
-    if not types:
-        out.append(Defect(
-            "feature-layer-missing",
-            f"no {FEATURE_LAYER_KEY}: libmtmd runs {layers['layers_run']} of the {declared} stored vision layers "
-            "(upstream llama.cpp #25817); a file from llama.cpp's legacy LLaVA route, which already left out the "
-            "last layer, then gets its features one layer too early",
-            repairable=isinstance(declared, int) and declared >= 1))
-    elif types[0] != gguf.GGUFValueType.ARRAY or types[-1] != gguf.GGUFValueType.INT32:
-        kind = types[0].name if types[0] != gguf.GGUFValueType.ARRAY else f"ARRAY of {types[-1].name}"
-        out.append(Defect("feature-layer-type",
-                          f"{FEATURE_LAYER_KEY} is stored as {kind}; clip.cpp reads only an INT32 array and refuses "
-                          "to load the file", repairable=bool(feature) and min(feature) >= 0))
-    if types and (not feature or max(feature) < 0):
-        out.append(Defect("feature-layer-unset",
-                          f"{FEATURE_LAYER_KEY} is {feature}: clip.cpp takes negative or no values as unset and runs "
-                          f"{layers['layers_run']} of the {declared} layers; `llava-gguf repair --feature-layer N` "
-                          "writes the non-negative index (HF's -2 of an n-layer tower is n - 1)", repairable=False))
-    if feature and isinstance(declared, int) and max(feature) > declared:
-        out.append(Defect("feature-layer-out-of-range",
-                          f"{FEATURE_LAYER_KEY} {feature} is beyond clip.vision.block_count {declared}: libmtmd "
-                          "refuses to load the file", repairable=False))
-    if isinstance(declared, int):
-        absent = sorted(set(range(declared)) - set(layers["_stored"]))
-        if absent:
-            out.append(Defect("blocks-missing",
-                              f"clip.vision.block_count is {declared} but block(s) {absent[:5]} are not stored: "
-                              "libmtmd cannot load the file", repairable=False))
-    if "v.post_ln.weight" in tensor_names:
-        out.append(Defect("post-layernorm",
-                          "v.post_ln is stored: the llava graph applies CLIP's post-layernorm to the image "
-                          "features, which LLaVA does not", repairable=True))
-    return out
-
-
+# ------------------------------------------------------------------------------------------- report
 def _file_type(value) -> str | None:
     import gguf
 
@@ -142,49 +47,51 @@ def _file_type(value) -> str | None:
 
 
 def inspect_gguf(path: Path) -> dict:
-    from .runtime.model import open_gguf
-
-    reader = open_gguf(path, "GGUF file")
+    path = Path(path)
+    layout, reader = read_gguf_layout(path)
     meta = _metadata(reader)
-    names = [t.name for t in reader.tensors]
-    arch = meta.get("general.architecture", "?")
+    names = [t.name for t in layout.tensors]
+    arch = meta.get("general.architecture")
+    arch = arch if isinstance(arch, str) else "?"
     report: dict = {
         "kind": "gguf",
         "path": str(path),
-        "bytes": path.stat().st_size,
+        "bytes": layout.size,
         "role": "mmproj" if arch == "clip" else "llm",
         "architecture": arch,
         "name": meta.get("general.name"),
         "tensors": len(names),
-        "parameters": int(sum(int(t.n_elements) for t in reader.tensors)),
-        "tensor_types": dict(sorted(Counter(t.tensor_type.name for t in reader.tensors).items())),
+        "parameters": int(sum(t.n_elements or 0 for t in layout.tensors)),
+        "tensor_types": dict(sorted(Counter(t.type_name for t in layout.tensors).items())),
         "file_type": _file_type(meta.get("general.file_type")),
     }
+    defects = layout_defects(layout)
     if arch == "clip":
-        size, patch = meta.get("clip.vision.image_size"), meta.get("clip.vision.patch_size")
+        size, patch = _count(meta.get("clip.vision.image_size")), _count(meta.get("clip.vision.patch_size"))
         report.update({
             "projector_type": meta.get("clip.projector_type"),
             "image_size": size,
             "patch_size": patch,
-            "image_tokens": (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) and patch else None,
+            "image_tokens": (size // patch) ** 2 if size is not None and patch else None,
             "projection_dim": meta.get("clip.vision.projection_dim"),
             "anyres": "clip.vision.image_grid_pinpoints" in meta,
             **{k: v for k, v in mmproj_layers(meta, names).items() if not k.startswith("_")},
         })
-        report["defects"] = [asdict(d) for d in mmproj_defects(reader, meta, names)]
+        defects += mmproj_defects(layout, meta, names)
     else:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        n_tokens = layout.kv.get("tokenizer.ggml.tokens")
         report.update({
             "block_count": meta.get(f"{arch}.block_count"),
             "embedding_length": meta.get(f"{arch}.embedding_length"),
             "context_length": meta.get(f"{arch}.context_length"),
             "head_count": meta.get(f"{arch}.attention.head_count"),
             "head_count_kv": meta.get(f"{arch}.attention.head_count_kv"),
-            "vocab_size": len(tokens.data) if tokens is not None else None,
+            "vocab_size": n_tokens[2] if n_tokens is not None else None,
             "tokenizer": meta.get("tokenizer.ggml.model"),
             "chat_template": "tokenizer.chat_template" in meta,
         })
-        report["defects"] = []
+        defects += llm_defects(layout, meta, arch) + vocab_defects(layout, reader) + chat_template_defects(reader)
+    report["defects"] = [asdict(d) for d in defects]
     report["metadata"] = meta
     return report
 

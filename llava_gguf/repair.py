@@ -9,13 +9,12 @@
 Tensors are copied byte for byte (any type, quantized included); the metadata is copied key by key."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LlavaGgufError
 from .inspection import FEATURE_LAYER_KEY, inspect_gguf
-from .outputs import atomic_outputs
+from .outputs import atomic_outputs, write_error
 
 
 @dataclass(frozen=True)
@@ -75,12 +74,15 @@ def repair_mmproj(src: Path | str, out: Path | str | None = None, *, force: bool
             raise AssertionError(d["code"])
 
     with atomic_outputs(target.parent, [target.name], force=force or in_place) as outputs:
-        partial = outputs.partials[0]
+        partial = outputs.paths[0]
         try:
             _rewrite(reader, partial, set_kv, drop)
-            os.chmod(partial, src.stat().st_mode & 0o7777)  # the file keeps its permissions
         except OSError as e:
-            raise LlavaGgufError(f"writing {target} failed: {e.strerror or e}") from None
+            raise write_error(e, target, partial) from None
+        except ValueError as e:  # gguf-py's writer refuses what it cannot write back (an empty array)
+            raise LlavaGgufError(f"{src} cannot be rewritten: {' '.join(str(e).split())[:200]}",
+                                 "convert the checkpoint again with `llava-gguf convert`") from None
+        outputs.set_mode(0, src.stat().st_mode)  # the file keeps its permissions
         after = inspect_gguf(partial)
         left = [d["code"] for d in after["defects"]]
         if left:  # pragma: no cover - a repair that did not take is a bug, never a file
@@ -108,7 +110,7 @@ def _rewrite(reader, dest: Path, set_kv: dict[str, list[int]], drop: set[str]) -
             continue
         val_type = field.types[0]
         sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+        writer.add_key_value(field.name, _raw_value(field), val_type, sub_type=sub_type)
     for key, value in pending.items():
         writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
     kept = [t for t in reader.tensors if t.name not in drop]
@@ -120,3 +122,17 @@ def _rewrite(reader, dest: Path, set_kv: dict[str, list[int]], drop: set[str]) -
     for t in kept:
         writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
     writer.close()
+
+
+def _raw_value(field):
+    """A key's value as stored: strings as their bytes (gguf-py's contents() raises on one that is not
+    UTF-8, and a repair copies every other key unchanged), everything else as contents()."""
+    import gguf
+
+    string = gguf.GGUFValueType.STRING
+    if field.types[0] == string:
+        return bytes(field.parts[-1])
+    if field.types[0] == gguf.GGUFValueType.ARRAY and field.types[-1] == string:
+        return [bytes(field.parts[i]) for i in field.data]
+    return field.contents()
+

@@ -13,7 +13,8 @@ from .errors import LlavaGgufError
 HELP = """commands:
   /image PATH   attach an image to your next message (repeatable)
   /reset        start the conversation again
-  /save FILE    write the transcript as JSON
+  /save [--force] FILE
+                write the transcript as JSON (--force: replace an existing FILE)
   /stats        prompt and generation timings of the last answer
   /help         this text
   /quit         leave (Ctrl-D too)"""
@@ -136,12 +137,17 @@ def _command(line: str, session, pending: list) -> bool:
             except LlavaGgufError as e:
                 err.write(f"error: {e.one_line()}\n")
     elif cmd == "/save":
+        force = arg == "--force" or arg.startswith("--force ")
+        if force:
+            arg = arg[len("--force"):].strip()
         if not arg:
-            err.write("usage: /save FILE\n")
+            err.write("usage: /save [--force] FILE\n")
         else:
             try:
-                session.save(Path(arg).expanduser())
+                session.save(Path(arg).expanduser(), force=force)
                 err.write(f"(saved {arg})\n")
+            except LlavaGgufError as e:  # e.g. FILE exists (--force replaces it)
+                err.write(f"error: {e.one_line()}\n")
             except (OSError, UnicodeError) as e:
                 err.write(f"error: cannot write {arg}: {getattr(e, 'strerror', None) or e}\n")
     elif cmd == "/stats":

@@ -12,7 +12,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .convert.families.llava15 import LAYOUTS, VICUNA_TEMPLATE
+from .convert.families.llava15 import LAYOUTS, LLAVA_HF_TEMPLATE
 
 LAYOUT_NAMES = tuple(layout.name for layout in LAYOUTS)
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -186,7 +186,8 @@ def write_tokenizer(out: Path, corpus: list[str], *, sp_vocab: int, image_size: 
                                                               "content": "\u2581"}]}
     tj["pre_tokenizer"] = None
     (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE if chatml else VICUNA_TEMPLATE}))
+    # llava-hf's template as the hub files carry it (convert makes it recognisable to llama.cpp's tools)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE if chatml else LLAVA_HF_TEMPLATE}))
     _write_preprocessor(out, image_size)
     return n
 

@@ -39,6 +39,9 @@ class VerifyReport:
     top1: float = 0.0
     greedy_identical: int = 0
     thresholds: dict = field(default_factory=dict)
+    # LLaVA-NeXT: {"config.json": [...], "preprocessor_config.json": [...]} when the two grids differ
+    # (the reference follows config.json, as the model and the mmproj do); None otherwise
+    grid_pinpoints_conflict: dict | None = None
     passed: bool = False
     failures: list[str] = field(default_factory=list)
 
@@ -209,10 +212,17 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
     if source.family.anyres:
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+        # the model's own grid decides (config.json: what transformers' LlavaNext unpads with and what the
+        # converter wrote into the mmproj), whatever preprocessor_config.json says or leaves to defaults
+        pins = source.root.get("image_grid_pinpoints")
+        if not isinstance(pins, list) or not pins:
+            raise LlavaGgufError("the LLaVA-NeXT config.json has no image_grid_pinpoints",
+                                 "the checkpoint is incomplete")
+        report.grid_pinpoints_conflict = _pinpoints_conflict(source.image_config_dir, pins)
         if (source.image_config_dir / "preprocessor_config.json").is_file():
-            proc = LlavaNextImageProcessorPil.from_pretrained(str(source.image_config_dir))
+            proc = LlavaNextImageProcessorPil.from_pretrained(str(source.image_config_dir), image_grid_pinpoints=pins)
         else:
-            proc = LlavaNextImageProcessorPil(image_grid_pinpoints=source.root["image_grid_pinpoints"],
+            proc = LlavaNextImageProcessorPil(image_grid_pinpoints=pins,
                                               size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                               image_mean=list(mean), image_std=list(std), do_pad=True)
 
@@ -283,6 +293,32 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
         report.failures.append(f"top-1 agreement {report.top1:.3f} < {thresholds['top1']}")
     report.passed = not report.failures
     return report
+
+
+def _pinpoints_conflict(image_config_dir: Path, pins) -> dict | None:
+    """preprocessor_config.json's image_grid_pinpoints when they are not config.json's `pins` (a one-line
+    warning too); None when they agree or the file has none (a plain CLIPImageProcessor config)."""
+    import json
+
+    from .errors import warn
+
+    path = image_config_dir / "preprocessor_config.json"
+    try:
+        theirs = json.loads(path.read_text(encoding="utf-8")).get("image_grid_pinpoints")
+    except (OSError, ValueError, AttributeError):
+        return None  # no file, or one the processor load below reports
+    if theirs is None or _grid(theirs) == _grid(pins):
+        return None
+    warn(f"preprocessor_config.json's image_grid_pinpoints {str(theirs)[:120]} differ from config.json's "
+         f"{str(pins)[:120]}", "verify follows config.json, as transformers' LlavaNext model and the mmproj do")
+    return {"config.json": pins, "preprocessor_config.json": theirs}
+
+
+def _grid(pins) -> list | None:
+    try:
+        return [[int(v) for v in p] for p in pins]
+    except (TypeError, ValueError):
+        return None
 
 
 def reference_tensors(source, model) -> dict:

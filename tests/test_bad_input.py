@@ -179,3 +179,92 @@ def test_bad_outtype(tiny, tmp_path):
 def test_usage_errors_are_one_line(args, words, tmp_path):
     p = run_cli(*args)
     assert_clean_failure(p, tmp_path / "none", *words)
+
+
+def _one_line(p: subprocess.CompletedProcess, *words: str) -> None:
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_shard_outside_the_checkpoint_is_refused(tiny, tmp_path, where):
+    """Item 2: a shard named `../elsewhere/x.safetensors` (or an absolute path) in the index is never read."""
+    ckpt = _copy(tiny(shards=3, layout="transformers-4.52"), tmp_path / "ckpt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shard = "model-00002-of-00003.safetensors"
+    os.replace(ckpt / shard, elsewhere / shard)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    target = "../elsewhere/" + shard if where == "parent" else str(elsewhere / shard)
+    index["weight_map"] = {k: (target if v == shard else v) for k, v in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("convert", str(ckpt), "-o", str(out)), out, "outside the checkpoint directory",
+                         target)
+    _one_line(run_cli("inspect", str(ckpt)), "outside the checkpoint directory")
+
+
+def test_shards_as_symlinks_like_the_hub_cache(tiny, tmp_path):
+    """Symlinks inside the checkpoint stay fine: the Hugging Face cache's snapshots link to ../../blobs."""
+    src = tiny(shards=3, layout="transformers-4.52")
+    blobs = tmp_path / "blobs"
+    snap = tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(src.iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    p = run_cli("convert", str(snap), "-o", str(tmp_path / "out"))
+    assert p.returncode == 0, p.stderr
+
+
+def test_malicious_pickle_runs_nothing(base, tmp_path):
+    """Item 3: a pytorch_model.bin whose __reduce__ would run a command is refused; the command never runs."""
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = tmp_path / "pickled"
+    ckpt.mkdir()
+    shutil.copy(base / "config.json", ckpt / "config.json")
+    torch.save({"language_model.model.embed_tokens.weight": torch.zeros(4, 4), "x": Payload()},
+               ckpt / "pytorch_model.bin")
+    assert not marker.exists()  # saving does not run it
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("convert", str(ckpt), "-o", str(out)), out, "holds more than tensors")
+    _one_line(run_cli("inspect", str(ckpt)), "holds more than tensors")
+    assert not marker.exists()
+
+
+def _safetensors_with_header(path: Path, header: bytes) -> None:
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
+def test_deeply_nested_safetensors_header(base, tmp_path):
+    """Item 8: JSON nested deeper than Python's stack (a RecursionError traceback before): one line, for
+    convert and inspect; a header longer than safetensors' own cap is refused before it is read."""
+    depth = 200_000
+    _safetensors_with_header(base / "model.safetensors", b'{"a":' + b"[" * depth + b"]" * depth + b"}")
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("convert", str(base), "-o", str(out)), out, "not a valid safetensors",
+                         "nested too deeply")
+    _one_line(run_cli("inspect", str(base)), "not a valid safetensors", "nested too deeply")
+    with open(base / "model.safetensors", "wb") as f:  # claims 100,000,008 header bytes (sparse file)
+        f.write((100_000_008).to_bytes(8, "little"))
+        f.truncate(200_000_000)
+    assert_clean_failure(run_cli("convert", str(base), "-o", str(out)), out, "not a valid safetensors",
+                         "100000000")
+
+
+def test_deeply_nested_config(base, tmp_path):
+    (base / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli("convert", str(base), "-o", str(out)), out, "config.json", "nested too deeply")

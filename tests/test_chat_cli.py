@@ -132,3 +132,41 @@ def test_interactive_session_in_a_terminal(outdir, image, tmp_path):
     saved = json.loads((tmp_path / "t.json").read_text())
     assert [t["role"] for t in saved["turns"]] == ["user", "assistant", "user", "assistant"]
     assert saved["turns"][0]["images"][0]["path"] == str(image)
+
+
+def test_the_session_goes_on_after_bad_text_and_refused_saves(outdir, tmp_path):
+    """A line that is not UTF-8 is one error line for that turn (not a traceback that ends the session);
+    /save refuses an existing file (one line) and replaces it with --force."""
+    import pexpect
+
+    transcript = tmp_path / "t.json"
+    transcript.write_text("keep me")
+    # LC_ALL=C: the terminal's bytes reach Python surrogate-escaped, as on a misconfigured terminal
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "LC_ALL": "C", "LANG": "C"}
+    child = pexpect.spawn(sys.executable, ["-m", "llava_gguf", "chat", str(outdir), "--temp", "0",
+                                           "--max-tokens", "3"], env=env, timeout=120)
+    try:
+        child.expect_exact(b"> ")
+        child.send(b"what \xff\xfe is it\r")
+        child.expect_exact(b"error: the prompt is not valid text: character 6 is the byte 0xFF, which is not UTF-8")
+        child.expect_exact(b"> ")
+        child.sendline(b"what is it")  # the session goes on, and the bad line left no turn behind
+        child.expect(rb"what is it\r\n\S+")
+        child.expect_exact(b"> ")
+        child.sendline(f"/save {transcript}".encode())
+        child.expect_exact(b"error: ")
+        child.expect_exact(b"> ")
+        child.sendline(f"/save --force {transcript}".encode())
+        child.expect_exact(f"(saved {transcript})".encode())
+        child.expect_exact(b"> ")
+        child.sendline(b"/help")
+        child.expect_exact(b"/save [--force] FILE")
+        child.expect_exact(b"> ")
+        child.sendline(b"/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+    saved = json.loads(transcript.read_text())
+    assert [t["role"] for t in saved["turns"]] == ["user", "assistant"]
+    assert saved["turns"][0]["text"] == "what is it"

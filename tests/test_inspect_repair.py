@@ -7,42 +7,18 @@ import json
 import shutil
 
 import gguf
-import numpy as np
-import pytest
 
 from llava_gguf.reference import image_features, load_hf_model, mean_cosine, pixel_values
 from llava_gguf.tiny import sample_image
 
 from conftest import run_cli
+from gguf_edit import rewrite_gguf as rewrite
 
 FEATURE = "clip.vision.feature_layer"
 
 
 def _json(p) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def rewrite(src, dest, *, drop_keys=(), set_keys=None, add_tensors=None):
-    """Copy a GGUF with gguf-py alone: keys dropped or set ({key: (value, type, sub_type)}), tensors added."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dest, arch=r.fields["general.architecture"].contents())
-    for f in r.fields.values():
-        if f.name == "general.architecture" or f.name.startswith("GGUF.") or f.name in drop_keys \
-                or f.name in (set_keys or {}):
-            continue
-        t = f.types[0]
-        w.add_key_value(f.name, f.contents(), t, sub_type=f.types[-1] if t == gguf.GGUFValueType.ARRAY else None)
-    for key, (value, t, sub) in (set_keys or {}).items():
-        w.add_key_value(key, value, t, sub_type=sub)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    for name, arr in (add_tensors or {}).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dest
 
 
 def legacy_mmproj(mmproj, dest):

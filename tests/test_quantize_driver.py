@@ -231,12 +231,12 @@ def test_bad_inputs_are_one_line_and_leave_nothing(f16_pair, tmp_path, tiny_imat
 def test_ctrl_c_during_native_quantization_leaves_nothing(big_pair, tmp_path):
     llm, _ = big_pair
     out = tmp_path / "x-IQ3_S.gguf"
-    partial = tmp_path / "x-IQ3_S.gguf.partial"
     proc = subprocess.Popen([sys.executable, "-m", "llava_gguf", "quantize", str(llm), "--type", "IQ3_S", "-o",
                              str(out), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if partial.exists() and partial.stat().st_size > 0:
+        temps = list(tmp_path.glob(".x-IQ3_S.gguf.*.partial"))  # the hidden exclusive temporary (outputs.py)
+        if temps and temps[0].exists() and temps[0].stat().st_size > 0:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "quantization ended before it could be interrupted"

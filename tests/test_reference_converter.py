@@ -37,6 +37,12 @@ def test_llm_gguf_matches_llama_cpp(tiny, converted, llama_cpp_converter, workdi
         mine = next(x for x in a.tensors if x.name == t.name)
         assert np.array_equal(np.asarray(mine.data).view(np.uint8), np.asarray(t.data).view(np.uint8)), t.name
     fa, fb = _fields(a), _fields(b)
+    # our one deliberate difference: a checkpoint template llama.cpp's tools would reject gets a layout
+    # comment (convert/template.py); llama.cpp's converter copies it as it is
+    from llava_gguf.convert.families.llava15 import VICUNA_TEMPLATE
+    from llava_gguf.convert.template import for_llama_cpp
+
+    fb["tokenizer.chat_template"] = for_llama_cpp(fb["tokenizer.chat_template"], VICUNA_TEMPLATE).template
     # general.* naming metadata is derived from the directory name and may legitimately differ
     keys = {k for k in fb if not k.startswith("general.") or k in ("general.architecture", "general.file_type",
                                                                    "general.type", "general.quantization_version")}

@@ -63,6 +63,42 @@ def test_verify_bad_input(tiny, converted, tmp_path):
         (("verify", str(tiny()), str(llm.parent), "--images", str(tmp_path)), "holds no files"),
         (("verify", str(tiny()), str(tmp_path / "nope")), "does not exist"),
     ]:
-        p = run_cli(*args)
+        p = run_cli(*args, "--json")
         assert p.returncode == 1, args
+        assert not p.stdout.strip(), "a refusing command prints no report"
         assert words in p.stderr and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+
+
+def test_verify_llava16_follows_config_pinpoints(tiny, converted, tmp_path):
+    """LLaVA-NeXT whose preprocessor_config.json is a plain CLIPImageProcessor's (no grid): the reference
+    tiles with config.json's image_grid_pinpoints, as transformers' LlavaNext model and the mmproj do (it
+    took transformers' default grid and reported a false FAIL). A grid in preprocessor_config.json that
+    disagrees with config.json is one warning line and a report field; config.json still decides."""
+    import shutil
+
+    ckpt = tmp_path / "next"
+    shutil.copytree(tiny(anyres=True), ckpt)
+    pre_path = ckpt / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text())
+    pre.pop("image_grid_pinpoints")
+    pre.pop("do_pad", None)
+    pre["image_processor_type"] = "CLIPImageProcessor"
+    pre_path.write_text(json.dumps(pre))
+    llm, mmproj = converted(ckpt, "f32")
+    p = run_cli("verify", str(ckpt), str(llm.parent), "--tokens", "4", "--json")
+    assert p.returncode == 0, p.stderr
+    r = _json(p)
+    assert r["passed"] and r["cosine_min"] >= 0.9999 and r["grid_pinpoints_conflict"] is None
+    assert "warning" not in p.stderr
+
+    config_pins = json.loads((ckpt / "config.json").read_text())["image_grid_pinpoints"]
+    pre["image_grid_pinpoints"] = [[112, 224], [224, 112]]
+    pre_path.write_text(json.dumps(pre))
+    p = run_cli("verify", str(ckpt), str(llm.parent), "--tokens", "4", "--json")
+    assert p.returncode == 0, p.stderr
+    r = _json(p)
+    assert r["passed"] and r["cosine_min"] >= 0.9999
+    assert r["grid_pinpoints_conflict"] == {"config.json": config_pins,
+                                            "preprocessor_config.json": [[112, 224], [224, 112]]}
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "image_grid_pinpoints" in warnings[0] and "config.json" in warnings[0], p.stderr

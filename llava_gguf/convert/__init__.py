@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LlavaGgufError
-from ..outputs import atomic_outputs
+from ..outputs import atomic_outputs, write_error
 from .checkpoint import Checkpoint, TensorRef, read_checkpoint
 from .families import Family, KeyLayout, detect_layout, find_family
 from .hparams import resolve_llava
 from .llm import OUTTYPES, build_llm, type_label
 from .mmproj import MMPROJ_TYPES, build_mmproj
-from .writer import TensorStream
+from .writer import OutputWriteError, TensorStream
 
 __all__ = ["ConvertResult", "LlavaSource", "open_llava", "split_parts", "stored_parts", "convert_checkpoint",
            "output_names", "OUTTYPES", "MMPROJ_TYPES"]
@@ -138,7 +138,7 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     if mmproj_type not in MMPROJ_TYPES:
         raise LlavaGgufError(f"unknown --mmproj-type {mmproj_type!r}", f"choose one of {', '.join(MMPROJ_TYPES)}")
     src_ = open_llava(src, clip)
-    ck, family, layout = src_.checkpoint, src_.family, src_.layout
+    family, layout = src_.family, src_.layout
     name = name or src.resolve().name
     if not re.fullmatch(r"[^/\\\x00]+", name) or name in (".", ".."):
         raise LlavaGgufError(f"--name {name!r} is not usable in a file name")
@@ -154,24 +154,25 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     progress = progress or Progress()
 
     with atomic_outputs(outdir, [llm_name, mm_name], force=force) as out:
-        llm_partial, mm_partial = out.partials
-        stage = llm_partial.with_name(f".{name}-F16.gguf.intermediate.partial") if quant else llm_partial
+        llm_partial, mm_partial = out.paths
+        # --outtype <quant type>: the F16 stage is a temporary of the same exclusive kind, removed with the rest
+        stage = out.scratch("f16") if quant else llm_partial
         progress.start(llm.data_bytes + mm.data_bytes, len(llm.tensors) + len(mm.tensors))
         try:
-            try:
-                TensorStream([(llm, stage), (mm, mm_partial)]).run(progress.advance_bytes, progress.advance_tensor)
-            except OSError as e:
-                raise LlavaGgufError(f"writing {outdir} failed: {e.strerror or e}") from None
-            except EOFError:
-                raise LlavaGgufError("a weight file ended early while it was being read",
-                                     "the checkpoint changed or is truncated; download it again") from None
-            if quant is not None:
-                from ..quantize import _Job
+            TensorStream([(llm, stage, outdir / llm_name), (mm, mm_partial, outdir / mm_name)]).run(
+                progress.advance_bytes, progress.advance_tensor)
+        except OutputWriteError as e:
+            raise write_error(e.error, e.target) from None
+        except OSError as e:  # reading the checkpoint
+            raise LlavaGgufError(f"reading {src} failed: {e.strerror or e}") from None
+        except EOFError:
+            raise LlavaGgufError("a weight file ended early while it was being read",
+                                 "the checkpoint changed or is truncated; download it again") from None
+        if quant is not None:
+            from ..quantize import _Job
 
-                _Job.plan(stage, quant, allow_requantize=False, imatrix=None).run(
-                    llm_partial, threads=None, leave_output_tensor=False, verbose=False, progress=progress.quantize)
-        finally:
-            if quant is not None:
-                stage.unlink(missing_ok=True)
+            _Job.plan(stage, quant, allow_requantize=False, imatrix=None).run(
+                llm_partial, threads=None, leave_output_tensor=False, verbose=False, progress=progress.quantize,
+                target=outdir / llm_name, on_abandon=out.park)
     return ConvertResult(outdir / llm_name, outdir / mm_name, family.name, layout.name,
                          len(llm.tensors) + len(mm.tensors), llm.data_bytes + mm.data_bytes)

@@ -9,6 +9,8 @@ from pathlib import Path
 from ..errors import LlavaGgufError
 from .checkpoint import Checkpoint, read_checkpoint
 from .families import Family
+from .families.liuhaotian import clip_vision_config
+from .hparams import OBJECT, STRING, STRINGS, VISION_TYPES, check_types
 
 
 _TOWER_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
@@ -73,7 +75,12 @@ def attach_vision(ck: Checkpoint, family: Family, clip: Path | None) -> tuple[Ch
     clip_dir = find_clip(ck.config, clip, has_tower)
     clip_ck = read_checkpoint(clip_dir)
     cfg = clip_ck.config
+    clip_file = str(clip_dir / "config.json")
+    check_types(cfg, {"architectures": STRINGS.or_null(), "model_type": STRING, "vision_config": OBJECT.or_null()},
+                file=clip_file)
     archs = cfg.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
     if cfg.get("model_type") not in ("clip", "clip_vision_model") and not any("CLIP" in a for a in archs):
         raise LlavaGgufError(f"{clip_dir} is not a CLIP checkpoint (model_type {cfg.get('model_type')!r})",
                              "--clip takes a CLIPModel or CLIPVisionModel directory, e.g. openai/clip-vit-large-patch14-336")
@@ -90,6 +97,8 @@ def attach_vision(ck: Checkpoint, family: Family, clip: Path | None) -> tuple[Ch
         for n, r in vision.items():
             new = prefix + n[len(strip):]
             tensors[new] = replace(r, name=new)
+    # the tower's values are named in the CLIP's own config.json (resolve_llava would call them config.json's)
+    check_types(clip_vision_config(cfg), VISION_TYPES, "vision_config." if "vision_config" in cfg else "", clip_file)
     config = family.llava_config(ck.config, cfg)
     files = ck.weight_files if has_tower else ck.weight_files + clip_ck.weight_files
     return Checkpoint(ck.path, ck.config, tensors, files), config, clip_dir

@@ -3,15 +3,16 @@ shared/mmproj-format.md. The feature layer is always written explicitly and only
 needs are stored, which sidesteps upstream llama.cpp issue #25817 (the last layer dropped twice)."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import gguf
 
 from ..errors import LlavaGgufError
-from .checkpoint import TensorRef
+from .checkpoint import TensorRef, load_json
 from .families import Family
+from .hparams import NUMBER, spelt
+from .llm import FLOAT_DTYPES
 from .writer import PlannedTensor, QType, StreamingGGUF, can_quantize
 
 MMPROJ_TYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
@@ -28,7 +29,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def feature_layer_index(cfg: dict, n_layers: int) -> int:
     """HF's vision_feature_layer as a non-negative index into hidden_states (0 = embeddings)."""
     layer = cfg.get("vision_feature_layer", -2)
-    if isinstance(layer, list):
+    if isinstance(layer, list) and len(layer) == 1:
+        # transformers concatenates the listed layers' hidden states: one layer is that layer, unchanged
+        layer = layer[0]
+    elif isinstance(layer, list):
         raise LlavaGgufError(f"vision_feature_layer {layer} (several layers) is not supported",
                              "libmtmd's llava graph takes one feature layer")
     if not isinstance(layer, int) or isinstance(layer, bool):
@@ -43,26 +47,43 @@ def feature_layer_index(cfg: dict, n_layers: int) -> int:
     return index
 
 
+# transformers' ACT2FN names clip.cpp has an op for. Its use_gelu runs ggml_gelu (the tanh form, which
+# gelu_pytorch_tanh / gelu_new are exactly and erf's "gelu" is to ~1e-3, as libmtmd's projector GELU is);
+# quick_gelu is its default for a CLIP tower; use_silu runs ggml_silu. Any other name is refused: clip.cpp
+# would run one of these instead.
+_GELU_NAMES = ("gelu", "gelu_pytorch_tanh", "gelu_new")
+
+
 def _act_keys(act: str) -> dict[str, bool]:
-    # CLIP's quick_gelu is clip.cpp's default; setting use_gelu for a CLIP tower changes every layer.
     if act == "quick_gelu":
         return {}
-    if act in ("gelu", "gelu_pytorch_tanh"):
+    if act in _GELU_NAMES:
         return {gguf.Keys.ClipVision.USE_GELU: True}
-    if act == "silu":
+    if act in ("silu", "swish"):
         return {gguf.Keys.ClipVision.USE_SILU: True}
-    raise LlavaGgufError(f"vision tower activation {act!r} is not supported")
+    raise LlavaGgufError(f"vision tower activation hidden_act = {act!r} is not supported",
+                         "libmtmd's CLIP runs quick_gelu, gelu or silu")
 
 
 def image_norm(src: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     path = src / "preprocessor_config.json"
-    if path.is_file():
-        try:
-            pre = json.loads(path.read_text(encoding="utf-8"))
-            return tuple(pre.get("image_mean", CLIP_MEAN)), tuple(pre.get("image_std", CLIP_STD))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LlavaGgufError(f"{path} is not valid JSON", "the preprocessor config is corrupt") from None
-    return CLIP_MEAN, CLIP_STD
+    if not path.is_file():
+        return CLIP_MEAN, CLIP_STD
+    pre = load_json(path, "preprocessor config")
+    return _per_channel(pre, "image_mean", CLIP_MEAN, path), _per_channel(pre, "image_std", CLIP_STD, path)
+
+
+def _per_channel(pre: dict, key: str, default: tuple[float, ...], path: Path) -> tuple[float, ...]:
+    """An RGB normalisation value: three numbers, or one for all three (as transformers' image processors
+    broadcast it)."""
+    value = pre.get(key, default)
+    if NUMBER.ok(value):
+        value = [value] * 3
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(NUMBER.ok(v) for v in value)) or \
+            (key == "image_std" and 0 in value):
+        raise LlavaGgufError(f"{path.name}: {key} = {spelt(value)} is not three numbers (one per RGB channel)"
+                             + (", none of them 0" if key == "image_std" else ""), "the preprocessor config is corrupt")
+    return tuple(float(v) for v in value)
 
 
 def mmproj_qtype(name: str, shape: tuple[int, ...], mmproj_type: str) -> QType:
@@ -105,6 +126,14 @@ def plan_mmproj(family: Family, vision: dict[str, TensorRef], projector: dict[st
             raise LlavaGgufError(f"unexpected projector tensor {hf_name!r}")
         add(proj[hf_name], ref)
     have = {t.name for t in planned}
+    # the layers the feature layer needs are at most those the tower has: the first one it lacks is named
+    # without enumerating the (config-given, possibly huge) layer count
+    layers = {int(m[1]) for hf_name in vision if (m := block_re.match(hf_name))}
+    first_absent = min(set(range(len(layers) + 1)) - layers)
+    if first_absent < n_keep:
+        raise LlavaGgufError(f"the vision tower lacks its layer {first_absent} (encoder.layers.{first_absent}.*), one "
+                             f"of the {n_keep} layers its feature layer needs",
+                             "the checkpoint is incomplete or does not match its config")
     required = set(globals_.values()) | set(proj.values()) | {
         f"v.blk.{i}.{g}.{k}" for i in range(n_keep) for g in blocks.values() for k in ("weight", "bias")}
     missing = sorted(required - have)
@@ -115,18 +144,76 @@ def plan_mmproj(family: Family, vision: dict[str, TensorRef], projector: dict[st
     return planned
 
 
+def expected_mmproj_shapes(vcfg: dict, text_hidden: int, n_keep: int, proj_width: int) -> dict[str, tuple[int, ...]]:
+    """The shape (as the checkpoint stores it) of every mmproj tensor, by GGUF name, from the configs.
+    `proj_width` is the projector's inner width (the text width for llava-hf; twice it for LLaVA v1's
+    linear projector rewritten as a GELU pair)."""
+    h, ff = int(vcfg["hidden_size"]), int(vcfg["intermediate_size"])
+    n_patches = (int(vcfg["image_size"]) // int(vcfg["patch_size"])) ** 2
+    patch = int(vcfg["patch_size"])
+    want: dict[str, tuple[int, ...]] = {
+        "v.class_embd": (h,),
+        "v.patch_embd.weight": (h, 3, patch, patch),  # libmtmd feeds RGB
+        "v.position_embd.weight": (n_patches + 1, h),
+        "v.pre_ln.weight": (h,), "v.pre_ln.bias": (h,),
+        # one feature layer: transformers' linear_1 takes vision_hidden * len(vision_feature_layer) inputs
+        "mm.0.weight": (proj_width, h), "mm.0.bias": (proj_width,),
+        "mm.2.weight": (text_hidden, proj_width), "mm.2.bias": (text_hidden,),
+        "model.image_newline": (text_hidden,),
+    }
+    # per block: the weight's shape; every bias is (weight rows,)
+    block = {"attn_q": (h, h), "attn_k": (h, h), "attn_v": (h, h), "attn_out": (h, h), "ln1": (h,), "ln2": (h,),
+             "ffn_up": (ff, h), "ffn_down": (h, ff)}
+    for i in range(n_keep):
+        for part, weight in block.items():
+            want[f"v.blk.{i}.{part}.weight"] = weight
+            want[f"v.blk.{i}.{part}.bias"] = weight[:1]
+    return want
+
+
+def check_mmproj_tensors(vcfg: dict, text_hidden: int, n_keep: int, planned: list[PlannedTensor]) -> None:
+    """Refuse a tower or projector whose tensors are not float or do not have the shapes config.json
+    implies (transposed, another width or patch size): libmtmd would fail to load the file or, where
+    shapes happen to fit, compute something else."""
+    h, n_head = int(vcfg["hidden_size"]), int(vcfg["num_attention_heads"])
+    if h % n_head:
+        raise LlavaGgufError(f"config.json: vision_config.hidden_size = {h} is not a multiple of "
+                             f"num_attention_heads = {n_head}", "the config is corrupt")
+    if vcfg.get("num_channels", 3) != 3:
+        raise LlavaGgufError(f"config.json: vision_config.num_channels = {vcfg['num_channels']!r} is not supported",
+                             "libmtmd feeds the tower RGB images (3 channels)")
+    by_name = {t.name: t for t in planned}
+    mm2 = by_name["mm.2.weight"]
+    for t in (by_name["mm.0.weight"], mm2):
+        if len(t.shape) != 2:
+            raise LlavaGgufError(f"projector tensor {t.source.name} has shape {list(t.shape)}, not a matrix",
+                                 "the checkpoint is corrupt")
+    if mm2.shape[0] != text_hidden:
+        raise LlavaGgufError(f"the projector outputs {mm2.shape[0]} values per image token but the language "
+                             f"model's embedding width is {text_hidden}", "the checkpoint is inconsistent")
+    # the inner width from linear_2's input side: a transposed linear_1 is then named as the culprit
+    want = expected_mmproj_shapes(vcfg, text_hidden, n_keep, mm2.shape[1])
+    for t in sorted(planned, key=lambda t: t.name.endswith(".bias")):  # a wrong weight explains its bias
+        kind = "projector" if t.name.startswith(("mm.", "model.")) else "vision"
+        if t.source.dtype not in FLOAT_DTYPES:
+            raise LlavaGgufError(f"{kind} tensor {t.source.name} has dtype {t.source.dtype}, not a float type",
+                                 "quantized or integer checkpoints are not supported; convert the float checkpoint")
+        if t.name in want and tuple(t.shape) != want[t.name]:
+            raise LlavaGgufError(f"{kind} tensor {t.source.name} has shape {list(t.shape)}, config.json implies "
+                                 f"{list(want[t.name])}", "the checkpoint does not match its config")
+
+
 def build_mmproj(family: Family, cfg: dict, vcfg: dict, text_hidden: int, vision: dict[str, TensorRef],
                  projector: dict[str, TensorRef], src: Path, mmproj_type: str, model_name: str) -> StreamingGGUF:
     n_layers = int(vcfg["num_hidden_layers"])
     feature = feature_layer_index(cfg, n_layers)
     act = cfg.get("projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise LlavaGgufError(f"projector activation {act!r} is not supported", "libmtmd's mlp projector applies GELU")
+    if act not in _GELU_NAMES:
+        raise LlavaGgufError(f"projector activation projector_hidden_act = {act!r} is not supported",
+                             "libmtmd's mlp projector applies GELU")
+    act_keys = _act_keys(vcfg.get("hidden_act", "quick_gelu"))  # refused before any tensor is planned
     planned = plan_mmproj(family, vision, projector, feature, mmproj_type)
-    mm2 = next(t for t in planned if t.name == "mm.2.weight")
-    if mm2.shape[0] != text_hidden:
-        raise LlavaGgufError(f"the projector outputs {mm2.shape[0]} values per image token but the language "
-                             f"model's embedding width is {text_hidden}", "the checkpoint is inconsistent")
+    check_mmproj_tensors(vcfg, text_hidden, feature, planned)
     ftype, _ = MMPROJ_TYPES[mmproj_type]
     mean, std = image_norm(src)
     gg = StreamingGGUF("clip")
@@ -149,7 +236,7 @@ def build_mmproj(family: Family, cfg: dict, vcfg: dict, text_hidden: int, vision
     w.add_vision_image_std([float(x) for x in std])
     # clip.cpp reads this with get_arr_int, which demands an INT32 array.
     w.add_key_value("clip.vision.feature_layer", [feature], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
-    for key, value in _act_keys(vcfg.get("hidden_act", "quick_gelu")).items():
+    for key, value in act_keys.items():
         w.add_bool(key, value)
     if family.anyres:
         w.add_key_value("clip.vision.image_grid_pinpoints", grid_pinpoints(cfg, int(vcfg["image_size"])),

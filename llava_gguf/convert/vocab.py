@@ -13,7 +13,8 @@ from pathlib import Path
 
 import gguf
 
-from ..errors import LlavaGgufError
+from ..errors import LlavaGgufError, warn
+from .template import for_llama_cpp, llama_cpp_layout, template_text
 
 
 class TokenType(IntEnum):  # llama.cpp's llama_token_type
@@ -184,4 +185,73 @@ def add_vocab(writer: gguf.GGUFWriter, src: Path, vocab: Vocab, default_chat_tem
     special = gguf.SpecialVocab(src, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
     if special.chat_template is None and default_chat_template is not None:
         special.chat_template = default_chat_template
+    special.chat_template = _templates_for_llama_cpp(special.chat_template, default_chat_template)
+    _check_encodable(vocab, _default_template(special.chat_template))
     special.add_to_gguf(writer, quiet=True)
+
+
+def _default_template(chat_template: str | list | None) -> str | None:
+    if isinstance(chat_template, list):  # named templates (tokenizer_config.json's list form)
+        return next((t.get("template") for t in chat_template if isinstance(t, dict) and t.get("name") == "default"),
+                    None)
+    return chat_template
+
+
+def _templates_for_llama_cpp(chat_template: str | list | None, family_template: str | None) -> str | list | None:
+    """The template(s) to write, each made recognisable to llama.cpp's tools where it renders the family's
+    layout (see template.py); a default template they cannot use without --jinja gets a warning."""
+    if chat_template is None:
+        return None
+    if isinstance(chat_template, list):
+        prepared = [{**t, "template": for_llama_cpp(t["template"], family_template).template}
+                    if isinstance(t, dict) and isinstance(t.get("template"), str) else t for t in chat_template]
+    else:
+        prepared = for_llama_cpp(chat_template, family_template).template
+    default = _default_template(prepared)
+    if default is not None and llama_cpp_layout(default) is None:
+        warn("llama.cpp's own tools (llama-mtmd-cli, llama-server) do not recognise the checkpoint's chat template "
+             "and will stop with 'this custom template is not supported' unless run with --jinja",
+             "llava-gguf's own chat renders the template itself")
+    return prepared
+
+
+def _describe(ch: str) -> str:
+    return {"\n": "a newline", " ": "a space", "\t": "a tab"}.get(ch, repr(ch))
+
+
+def unencodable(vocab: Vocab, text: str) -> list[str]:
+    """The characters of `text` that llama.cpp's SentencePiece tokenizer cannot encode with `vocab`: no
+    piece for the character (a space is looked up as "▁") and no byte-fallback pieces (<0x0A>, ...) for
+    its UTF-8 bytes. llama.cpp then fails the whole tokenization (libmtmd: code 2). Special and
+    user-defined tokens (`<image>`, `<s>`, ...) are matched whole before the text is split, so their
+    characters do not count. A byte-level BPE (`gpt2`) has a token for every byte: nothing is missing."""
+    if vocab.model != "llama":
+        return []
+    for tok, kind in sorted(zip(vocab.tokens, vocab.types), key=lambda tk: -len(tk[0])):
+        if kind in (TokenType.CONTROL, TokenType.USER_DEFINED) and tok:
+            text = text.replace(tok.decode("utf-8", errors="replace"), "")
+    pieces = set(vocab.tokens)
+    missing = []
+    for ch in dict.fromkeys(text.replace("<image>", "")):
+        key = "\u2581" if ch == " " else ch
+        if key.encode() in pieces or all(f"<0x{b:02X}>".encode() in pieces for b in key.encode()):
+            continue
+        missing.append(ch)
+    return missing
+
+
+def _check_encodable(vocab: Vocab, chat_template: str | None) -> None:
+    """Warn when prompts will not tokenize: a SentencePiece vocabulary without byte fallback that lacks a
+    character the chat template writes fails every prompt; one that lacks only a newline fails every
+    prompt with a line break in it."""
+    written = unencodable(vocab, template_text(chat_template)) if chat_template else []
+    newline = [] if "\n" in written else unencodable(vocab, "\n")
+    if written:
+        names = ", ".join(_describe(c) for c in written)
+        warn(f"the tokenizer cannot encode {names}, which the chat template writes (no piece for "
+             f"{'it' if len(written) == 1 else 'them'} and no byte fallback): every chat prompt will fail to tokenize",
+             "convert a checkpoint whose tokenizer has byte-fallback pieces <0x00>..<0xFF>")
+    elif newline:
+        warn("the tokenizer cannot encode a newline (no piece for it and no byte fallback): "
+             "every prompt with a line break will fail to tokenize",
+             "convert a checkpoint whose tokenizer has byte-fallback pieces <0x00>..<0xFF>")

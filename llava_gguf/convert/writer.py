@@ -100,6 +100,15 @@ def source_key(t: PlannedTensor) -> tuple[str, int]:
     return str(t.source.file), t.source.offset
 
 
+class OutputWriteError(Exception):
+    """An OSError while writing an output (not while reading a source), with the output's final name:
+    the path written is a temporary (/proc/self/fd/N), which means nothing to the user."""
+
+    def __init__(self, error: OSError, target: Path) -> None:
+        super().__init__(str(error))
+        self.error, self.target = error, target
+
+
 _ALIGN = 4096  # O_DIRECT: offsets, lengths and buffer addresses in whole blocks (4 KiB covers 512 B disks)
 
 
@@ -112,10 +121,10 @@ class _Sink:
     O_DIRECT is refused (tmpfs, some network file systems, macOS) the same buffer is written with
     plain write(2)."""
 
-    def __init__(self, path: Path, header_len: int, size: int, staging: int = 32 * 2**20) -> None:
+    def __init__(self, path: Path, header_len: int, size: int, target: Path, staging: int = 32 * 2**20) -> None:
         import mmap
 
-        self.path, self.size = path, size
+        self.path, self.size, self.target = path, size, target
         with open(path, "rb") as f:
             header = f.read(header_len)
         self.fd, self.direct = self._open(path)
@@ -141,6 +150,12 @@ class _Sink:
         return self.file_pos + self.fill
 
     def _flush(self, final: bool = False) -> None:
+        try:
+            self._write(final)
+        except OSError as e:
+            raise OutputWriteError(e, self.target) from None
+
+    def _write(self, final: bool) -> None:
         n = self.fill if not self.direct else (self.fill if final else self.fill - self.fill % _ALIGN)
         if n == 0:
             return
@@ -157,7 +172,7 @@ class _Sink:
             # the file system took O_DIRECT at open but not the write: go on buffered
             os.close(self.fd)
             self.fd, self.direct = os.open(self.path, os.O_WRONLY), False
-            return self._flush(final)
+            return self._write(final)
         rest = self.fill - n
         if rest:
             self.view[:rest] = self.view[n:self.fill]
@@ -189,7 +204,10 @@ class _Sink:
     def close(self) -> None:
         try:
             self._flush(final=True)
-            os.ftruncate(self.fd, self.size)  # drop the last block's padding
+            try:
+                os.ftruncate(self.fd, self.size)  # drop the last block's padding
+            except OSError as e:
+                raise OutputWriteError(e, self.target) from None
         finally:
             os.close(self.fd)
             self.view.release()
@@ -201,18 +219,21 @@ class TensorStream:
     source order (file, offset): every output's tensors are laid out in that order too (see
     StreamingGGUF.add_all), so each output is written strictly sequentially."""
 
-    def __init__(self, outputs: list[tuple[StreamingGGUF, Path]]) -> None:
-        self.outputs = outputs
+    def __init__(self, outputs: list[tuple[StreamingGGUF, Path, Path]]) -> None:
+        self.outputs = outputs  # (file, path to write, final name for messages)
 
     def run(self, on_bytes: Callable[[int], None], on_tensor: Callable[[str], None]) -> None:
         sinks: list[_Sink] = []
         src_fds: dict[Path, int] = {}
         try:
             jobs = []
-            for gg, path in self.outputs:
-                start = gg.write_header(path)
-                size = start + sum(t.padded_nbytes for t in gg.tensors)
-                sink = _Sink(path, start, size)
+            for gg, path, target in self.outputs:
+                try:
+                    start = gg.write_header(path)
+                    size = start + sum(t.padded_nbytes for t in gg.tensors)
+                    sink = _Sink(path, start, size, target)
+                except OSError as e:
+                    raise OutputWriteError(e, target) from None
                 sinks.append(sink)
                 pos = start
                 for t in gg.tensors:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import LlavaGgufError
-from ..outputs import atomic_outputs
+from ..errors import LlavaGgufError, warn
+from ..outputs import atomic_outputs, native_write_error, write_error
 
 if TYPE_CHECKING:
     from ..runtime.model import GGUFInfo
@@ -130,15 +130,15 @@ class GGUFKind:
 
 def classify(path: Path | str) -> GGUFKind:
     """What a GGUF file is, for quantizing: a LLaVA language model or an mmproj; anything else is refused."""
+    from ..gguf_checks import field_value
     from ..runtime.model import open_gguf, read_gguf_info
 
     path = Path(path)
     r = open_gguf(path, "source")  # existence and readability, with our one-line errors
     info = read_gguf_info(path, "source", reader=r)
 
-    def field(key: str):
-        f = r.fields.get(key)
-        return None if f is None else f.contents()
+    def field(key: str):  # a string that is not UTF-8 is decoded with replacement (gguf-py would raise)
+        return field_value(r, key)
 
     arch = field("general.architecture") or "?"
     if (field("split.count") or 1) > 1:
@@ -177,8 +177,8 @@ def quantize_gguf(src: Path | str, type_name: str, out: Path | str | None = None
         dest = dest / output_path(src, qtype).name
     _not_the_source(dest, src)
     with atomic_outputs(dest.parent, [dest.name], force=force) as outputs:
-        job.run(outputs.partials[0], threads=threads, leave_output_tensor=leave_output_tensor, verbose=verbose,
-                progress=progress)
+        job.run(outputs.paths[0], threads=threads, leave_output_tensor=leave_output_tensor, verbose=verbose,
+                progress=progress, target=dest, on_abandon=outputs.park)
     return QuantizeResult(dest, qtype.name, dest.stat().st_size, src)
 
 
@@ -218,16 +218,18 @@ def quantize_directory(src: Path | str, type_name: str, outdir: Path | str | Non
     if mm_job is not None or copy_mmproj:
         names.append(mm_dest.name)
     with atomic_outputs(outdir, names, force=force) as outputs:
-        job.run(outputs.partials[0], threads=threads, leave_output_tensor=leave_output_tensor, verbose=verbose,
-                progress=progress)
+        job.run(outputs.paths[0], threads=threads, leave_output_tensor=leave_output_tensor, verbose=verbose,
+                progress=progress, target=outdir / names[0], on_abandon=outputs.park)
         if mm_job is not None:
-            mm_job.run(outputs.partials[1], threads=threads, leave_output_tensor=False, verbose=verbose,
-                       progress=progress)
+            mm_job.run(outputs.paths[1], threads=threads, leave_output_tensor=False, verbose=verbose,
+                       progress=progress, target=mm_dest, on_abandon=outputs.park)
         elif copy_mmproj:
             try:
-                shutil.copyfile(mmproj.path, outputs.partials[1])
+                with open(mmproj.path, "rb") as fin:
+                    with outputs.open_write(1) as fout:  # into our temporary, never by name
+                        shutil.copyfileobj(fin, fout, 2**20)
             except OSError as e:
-                raise LlavaGgufError(f"copying {mmproj.path.name} to {outdir} failed: {e.strerror or e}") from None
+                raise write_error(e, mm_dest) from None
     results = [QuantizeResult(outdir / names[0], qtype.name, (outdir / names[0]).stat().st_size, llm.path)]
     if mm_job is not None:
         results.append(QuantizeResult(mm_dest, mm_job.qtype.name, mm_dest.stat().st_size, mmproj.path))
@@ -281,7 +283,17 @@ class _Job:
     @classmethod
     def plan(cls, src: Path, qtype: QuantType, *, allow_requantize: bool, imatrix: str | Path | None) -> _Job:
         """Every check that can fail, before any output exists."""
+        from ..gguf_checks import require_loadable
+
         kind = classify(src)
+        # llama.cpp's quantizer loads the source as the runtime does (an invalid hparam aborts the process,
+        # a bad vocabulary would be copied on): what would stop llama.cpp is refused here, with one line
+        reader = require_loadable(src, "source")
+        if kind.kind == "llm":  # llama.cpp does not read the template; our chat refuses it: say so now
+            from ..gguf_checks import chat_template_defects
+
+            for d in chat_template_defects(reader):
+                warn(f"{src}: {d.message}", "the quantized model keeps it; convert the checkpoint again")
         if kind.kind == "mmproj":
             if qtype.name not in MMPROJ_QUANT_TYPES:
                 raise LlavaGgufError(f"{src} is an mmproj file, which is quantized to {', '.join(MMPROJ_QUANT_TYPES)} only",
@@ -302,7 +314,9 @@ class _Job:
         return cls(kind, qtype, allow_requantize, loaded)
 
     def run(self, dest: Path, *, threads: int | None, leave_output_tensor: bool, verbose: bool,
-            progress: Progress | None) -> None:
+            progress: Progress | None, target: Path, on_abandon: Callable[[], None] | None = None) -> None:
+        """Quantize into `dest` (the OutputSet's path for a temporary); `target` is the final name,
+        which messages name."""
         from ..runtime import native
 
         native.configure()
@@ -324,9 +338,14 @@ class _Job:
             params.kv_overrides = ctypes.cast(keep_alive.kv, type(params.kv_overrides))
         src_b, dest_b = os.fsencode(self.src.path), os.fsencode(dest)
         rc, last_error = _call_native(lambda: lc.llama_model_quantize(src_b, dest_b, ctypes.byref(params)),
-                                      dest, verbose=verbose, progress=progress)
+                                      dest, verbose=verbose, progress=progress, on_abandon=on_abandon)
         del keep_alive
         if rc != 0:
+            # llama.cpp's ofstream turns ENOSPC into "basic_ios::clear: iostream error": ask the device
+            device = native_write_error(dest, target)
+            if device is not None:
+                raise device
+            last_error = last_error.replace(os.fsdecode(dest_b), str(target))
             why = f": {last_error}" if last_error else ""
             raise LlavaGgufError(f"llama.cpp could not quantize {self.src.path.name} to {self.qtype.name}{why}"[:400],
                                  "--verbose shows llama.cpp's log")
@@ -340,8 +359,8 @@ _GGML_LOG_LEVEL_ERROR = 4  # ggml.h: enum ggml_log_level
 _abandoned: list[threading.Thread] = []
 
 
-def _call_native(fn: Callable[[], int], dest: Path, *, verbose: bool,
-                 progress: Progress | None) -> tuple[int, str]:
+def _call_native(fn: Callable[[], int], dest: Path, *, verbose: bool, progress: Progress | None,
+                 on_abandon: Callable[[], None] | None = None) -> tuple[int, str]:
     """Run llama_model_quantize in a worker thread, feeding `progress` from llama.cpp's per-tensor log
     lines; returns (return code, last error line llama.cpp logged).
 
@@ -405,6 +424,8 @@ def _call_native(fn: Callable[[], int], dest: Path, *, verbose: bool,
     except BaseException:
         cancelled.set()
         _abandoned.append(worker)
+        if on_abandon is not None:
+            on_abandon()  # the worker may still open `dest` (/proc/self/fd/N): keep N from being reused
         deadline = 30.0
         while deadline > 0 and not (opened.is_set() or done.is_set()):
             try:

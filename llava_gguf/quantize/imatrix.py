@@ -181,7 +181,8 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
     import subprocess
     import tempfile
 
-    from ..outputs import atomic_outputs
+    from ..gguf_checks import require_loadable
+    from ..outputs import atomic_outputs, native_write_error
     from ..runtime import native
     from . import classify
 
@@ -191,6 +192,7 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
         raise LlavaGgufError(f"{model} is an mmproj file; an importance matrix is computed on the language model")
     if kind.quantized:
         raise LlavaGgufError(f"{model} is already quantized ({kind.type})", "compute the importance matrix on the F16 file")
+    require_loadable(model, "model")  # llama.cpp aborts on some defects (a block count of 0, duplicate tokens)
     text = Path(text) if text is not None else builtin_calibration_text()
     if not text.is_file():
         raise LlavaGgufError(f"calibration text {text} does not exist")
@@ -208,7 +210,10 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
     ctx_train = int(info.context_length or 512)
     image_env: dict[str, str] = {}
     image_files: list[Path] = []
-    vocab = lc.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        vocab = lc.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    except Exception as e:  # noqa: BLE001 - llama-cpp-python raises ValueError, jinja2's errors, ...: one line
+        raise LlavaGgufError(f"llama.cpp could not load {model}: {' '.join(str(e).split())[:300]}") from None
     try:
         n_tokens = len(vocab.tokenize(content.encode(), add_bos=True, special=False))
         ctx = n_ctx or min(512, ctx_train, n_tokens // 2)
@@ -229,7 +234,7 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
     n_chunks = n_tokens // ctx if chunks is None else min(chunks, n_tokens // ctx)
     with atomic_outputs(out.parent, [out.name], force=force) as outputs, \
             tempfile.TemporaryDirectory(prefix="llava-gguf-imatrix-") as tmp:
-        partial = outputs.partials[0]
+        partial = outputs.paths[0]  # /proc/self/fd/N: the child gets the same descriptor (pass_fds)
         if image_files:
             from ..runtime.images import load_image
 
@@ -244,13 +249,25 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
                "-c", str(ctx), "-b", str(ctx), "--chunks", str(n_chunks), "-ngl", "0", "--no-ppl",
                "-t", str(threads or max(1, os.cpu_count() or 1)), "-ofreq", str(1 << 30)]
         p = subprocess.run(cmd, stdout=None if verbose else subprocess.PIPE, stderr=None if verbose else subprocess.STDOUT,
-                           text=True, errors="replace", env={**os.environ, **image_env})
+                           text=True, errors="replace", env={**os.environ, **image_env}, pass_fds=outputs.fds)
         if p.returncode != 0:
+            device = native_write_error(partial, out)  # the tool's own message hides errno
+            if device is not None:
+                raise device
             tail = [ln.strip() for ln in (p.stdout or "").splitlines() if ln.strip()]
             why = next((ln for ln in reversed(tail) if "error" in ln.lower() or "failed" in ln.lower()),
                        tail[-1] if tail else f"exit code {p.returncode}")
+            why = why.replace(str(partial), str(out))
             raise LlavaGgufError(f"llama-imatrix failed: {why[:200]}", "--verbose shows its log")
-        im = load_imatrix(partial)
+        try:
+            im = load_imatrix(partial)
+        except LlavaGgufError as e:
+            # llama-imatrix does not check its writes: on a full disk it exits 0 with a truncated file
+            device = native_write_error(partial, out)
+            if device is not None:
+                raise device from None
+            raise LlavaGgufError(f"llama-imatrix wrote an unreadable {out}: {e.message.replace(str(partial), str(out))}",
+                                 "--verbose shows its log") from None
     return ImatrixResult(out, len(im.entries), im.chunk_count, ctx, n_tokens, im.datasets[0] if im.datasets else "",
                          len(image_files))
 
@@ -258,6 +275,7 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
 def _image_calibration(info, images: Path | str, mmproj: Path | str | None, vocab):
     """(image files, mmproj, rendered prompts with the media marker, context an image needs)."""
     from ..convert.families.llava15 import FAMILY
+    from ..gguf_checks import require_loadable
     from ..quality import DEFAULT_PROMPTS, find_base_mmproj
     from ..runtime import native
     from ..runtime.images import image_files
@@ -269,6 +287,7 @@ def _image_calibration(info, images: Path | str, mmproj: Path | str | None, voca
     mm_kind = classify(mm)
     if mm_kind.kind != "mmproj":
         raise LlavaGgufError(f"--mmproj {mm} is a language model, not an mmproj file")
+    require_loadable(mm, "--mmproj")
     mm_info = mm_kind.info
     if getattr(mm_info, "pinpoints", None):
         raise LlavaGgufError("--images is not supported for LLaVA-1.6 (anyres) models yet: llama-imatrix would "

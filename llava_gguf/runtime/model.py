@@ -6,62 +6,23 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import LlavaGgufError
+from ..errors import InvalidSetting, LlavaGgufError, warn
+from ..gguf_checks import require_loadable
 from . import native
+from .gguf_info import GGUFInfo, open_gguf, read_gguf_info  # noqa: F401 - GGUFInfo re-exported
 from .images import ImageInput, content_hash, load_image
+from ..gguf_checks import chat_template_defects
 from .prompt import IMAGE_PLACEHOLDER, Message, render_with_images
-
-
-@dataclass(frozen=True)
-class GGUFInfo:
-    path: Path
-    arch: str
-    n_embd: int
-    chat_template: str | None
-    context_length: int | None
-    image_tokens: int | None  # mmproj only
-    image_size: int | None = None  # mmproj only: the vision tower's input resolution
-    pinpoints: tuple[int, ...] | None = None  # mmproj only: LLaVA-1.6's image_grid_pinpoints (flat h, w pairs)
-
-
-def open_gguf(path: Path, what: str):
-    """A gguf-py reader for `path`, or a one-line error naming `what` is missing or unreadable."""
-    import gguf
-
-    if not path.is_file():
-        raise LlavaGgufError(f"{what} {path} does not exist")
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise LlavaGgufError(f"{path} is not a readable GGUF file ({str(e)[:200]})", "convert the model again") from None
-
-
-def read_gguf_info(path: Path, what: str, reader=None) -> GGUFInfo:
-    r = reader if reader is not None else open_gguf(path, what)
-
-    def field(key: str):
-        f = r.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = field("general.architecture") or "?"
-    if arch == "clip":
-        n_embd = field("clip.vision.projection_dim")
-        size, patch = field("clip.vision.image_size"), field("clip.vision.patch_size")
-        tokens = (size // patch) ** 2 if size and patch else None
-        pins = field("clip.vision.image_grid_pinpoints")
-        return GGUFInfo(path, arch, int(n_embd or 0), None, None, tokens, int(size) if size else None,
-                        tuple(int(v) for v in pins) if pins else None)
-    return GGUFInfo(path, arch, int(field(f"{arch}.embedding_length") or 0), field("tokenizer.chat_template"),
-                    field(f"{arch}.context_length"), None)
+from .settings import (Sampling, check_seed, check_text, is_int, sampling_settings, thread_count,
+                       check_memory as fits_in_memory)
 
 
 @dataclass(frozen=True)
@@ -73,18 +34,6 @@ class _Anyres:
     size: int
     side: int
     newline: np.ndarray
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int = 256
-    temperature: float = 0.2
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
 
 
 @dataclass
@@ -112,6 +61,20 @@ class EvalStats:
 
 
 _LITERAL_IMAGE = "\ue000image\ue001"
+_ROLES = {"system": "the system prompt", "user": "the prompt", "assistant": "an assistant message"}
+
+
+def _open(method):
+    """A public method of LLaVA: after close() it raises our error instead of reaching freed native state
+    (which segfaults)."""
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        self._check_open()
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
 DEVICES = {"cpu": None, "cuda": "CUDA", "metal": "Metal", "vulkan": "Vulkan"}
 
 
@@ -144,8 +107,12 @@ class LLaVA:
         if device is not None and n_gpu_layers is not None:
             raise LlavaGgufError("give device or n_gpu_layers, not both")
         self.model_path, self.mmproj_path = Path(model_path), Path(mmproj_path)
-        self.llm_info = read_gguf_info(self.model_path, "model")
-        self.mmproj_info = read_gguf_info(self.mmproj_path, "mmproj")
+        # a file llama.cpp or libmtmd would refuse or abort on (GGML_ASSERT ends the process) never reaches
+        # them: each is checked as inspect checks it, and refused with one line naming the first defect
+        llm_reader = require_loadable(self.model_path, "model")
+        mmproj_reader = require_loadable(self.mmproj_path, "mmproj")
+        self.llm_info = read_gguf_info(self.model_path, "model", reader=llm_reader)
+        self.mmproj_info = read_gguf_info(self.mmproj_path, "mmproj", reader=mmproj_reader)
         if self.llm_info.arch == "clip":
             raise LlavaGgufError(f"{self.model_path} is an mmproj file, not a language model",
                                  "pass the LLM .gguf as the model and the mmproj-*.gguf as the mmproj")
@@ -154,18 +121,24 @@ class LLaVA:
         if self.mmproj_info.n_embd != self.llm_info.n_embd:
             raise LlavaGgufError(f"the mmproj projects to width {self.mmproj_info.n_embd} but the language model's "
                                  f"embedding width is {self.llm_info.n_embd}", "these two files are not a pair")
+        bad_template = chat_template_defects(llm_reader)
+        if bad_template:
+            # refused rather than replaced by the family's template: that may not be the model's prompt
+            # format (ChatML, LLaMA-3), and answers from another format would be silently worse
+            raise LlavaGgufError(f"{self.model_path} cannot be used: {bad_template[0].code}: {bad_template[0].message}",
+                                 "convert the checkpoint again (`llava-gguf inspect` shows the file's defects)")
         self.family_template = FAMILY.default_chat_template
         self.verbose = verbose
-        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.n_threads = thread_count(n_threads)
+        seed = check_seed(seed)
         self.image_tokens = self.mmproj_info.image_tokens or 576
         self._anyres: _Anyres | None = None  # LLaVA-1.6, see anyres.py
         if self.mmproj_info.pinpoints:
             self._anyres = self._load_anyres()
             self.image_tokens = self._anyres_max_rows()
-        if n_ctx is None:
-            n_ctx = max(2048, self.image_tokens + 1024)
-            if self.llm_info.context_length:
-                n_ctx = min(n_ctx, int(self.llm_info.context_length))
+        # offloaded layers keep their KV cache in device memory, which we cannot measure from here
+        offload = bool(n_gpu_layers) or (device is not None and device.lower() != "cpu")
+        n_ctx = self._context_size(n_ctx, check_memory=not offload)
         self.libs = native.configure()
         native.quiet_logs(verbose)
         if device is not None:
@@ -178,8 +151,10 @@ class LLaVA:
             self.llm = lc.Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=self.n_threads,
                                 n_threads_batch=self.n_threads, n_gpu_layers=n_gpu_layers,
                                 seed=seed if seed is not None else lc.LLAMA_DEFAULT_SEED, verbose=verbose)
-        except ValueError as e:
-            raise LlavaGgufError(f"llama.cpp could not load {self.model_path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - ValueError from llama.cpp's refusal; anything else from
+            # llama-cpp-python's own set-up (it compiles every chat template in the file with jinja2)
+            raise LlavaGgufError(f"llama.cpp could not load {self.model_path}: "
+                                 f"{' '.join(str(e).split())[:300] or type(e).__name__}") from None
         params = self._mtmd.mtmd_context_params_default()
         params.use_gpu = n_gpu_layers != 0
         params.print_timings = verbose
@@ -199,11 +174,56 @@ class LLaVA:
         self._t_call = 0.0
         self._seed = seed
 
+    def _context_size(self, n_ctx: int | None, *, check_memory: bool = True) -> int:
+        """The context to create: n_ctx, or by default one that fits an image and a conversation, checked
+        against the model (its training context, Mistral's sliding window) and against the memory it
+        needs, before anything is allocated."""
+        info = self.llm_info
+        train = int(info.context_length) if info.context_length else None
+        window = info.sliding_window
+        # llama.cpp's llama graph has no sliding-window attention: contexts up to the window compute
+        # exactly what the checkpoint does (within it, sliding and full attention see the same tokens)
+        self.context_limit = f"the model's sliding window ({window} tokens)" if window else None
+        notes: list[str] = []  # said once the context is known to fit in memory
+        if n_ctx is None:
+            n_ctx = max(2048, self.image_tokens + 1024)
+            if train:
+                n_ctx = min(n_ctx, train)
+            if window and window < n_ctx:
+                n_ctx = window  # quietly: the default is ours, the window is the model's own limit
+        else:
+            if not is_int(n_ctx) or n_ctx < 1:
+                raise InvalidSetting(f"n_ctx (--ctx) must be a positive integer, not {n_ctx!r}")
+            n_ctx = int(n_ctx)
+            if window and n_ctx > window:
+                notes.append(f"the context is capped at {window} tokens (asked: {n_ctx}): the model attends "
+                             f"within a sliding window of {window} tokens, which llama.cpp's llama architecture "
+                             "does not apply, so a longer context would compute something else than the model")
+                n_ctx = window
+            elif train and n_ctx > train:
+                notes.append(f"a context of {n_ctx} tokens is above the model's training context ({train} tokens); "
+                             "answers past that length may degrade")
+        if check_memory:
+            fits_in_memory(info, n_ctx)
+        for note in notes:
+            warn(note, stacklevel=3)
+        return n_ctx
+
     @property
     def n_ctx(self) -> int:
         """Positions the context holds (llama.cpp may round its own size up; llama-cpp-python's token
         buffer is the size asked for)."""
+        self._check_open()
         return min(self.llm.n_ctx(), len(self.llm.input_ids))
+
+    @property
+    def closed(self) -> bool:
+        """True after close(): every method then raises LlavaGgufError("the model is closed")."""
+        return getattr(self, "llm", None) is None or not getattr(self, "_ctx", None)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise LlavaGgufError("the model is closed", "create a new LLaVA to use it again")
 
     @classmethod
     def load(cls, path: str | Path, *, llm: str | Path | None = None, mmproj: str | Path | None = None,
@@ -228,6 +248,7 @@ class LLaVA:
             self.llm = None
 
     def __enter__(self) -> LLaVA:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -346,23 +367,57 @@ class LLaVA:
     def _tokenize_bitmaps(self, text: str, bitmaps: list, add_special: bool):
         """mtmd chunks for `text` with `bitmaps` (freed here) in its IMAGE_PLACEHOLDERs."""
         mt = self._mtmd
-        chunks = mt.mtmd_input_chunks_init()
         try:
-            encoded = text.replace(IMAGE_PLACEHOLDER, self._marker).encode()
-            inp = mt.mtmd_input_text()
-            inp.text = encoded
-            inp.text_len = len(encoded)
-            inp.add_special = add_special
-            inp.parse_special = True
-            arr = (mt.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            rc = mt.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
+            check_text(text, "the prompt")
+            chunks = mt.mtmd_input_chunks_init()
+            rc = self._mtmd_tokenize(chunks, text.replace(IMAGE_PLACEHOLDER, self._marker), add_special, bitmaps)
             if rc != 0:
                 mt.mtmd_input_chunks_free(chunks)
-                raise LlavaGgufError(f"libmtmd could not tokenize the prompt with {len(bitmaps)} image(s) (code {rc})")
+                raise self._tokenize_error(text, rc, len(bitmaps))
             return chunks
         finally:
             for b in bitmaps:
                 mt.mtmd_bitmap_free(b)
+
+    def _mtmd_tokenize(self, chunks, text: str, add_special: bool, bitmaps: list) -> int:
+        mt = self._mtmd
+        encoded = text.encode()
+        inp = mt.mtmd_input_text()
+        inp.text = encoded
+        inp.text_len = len(encoded)
+        inp.add_special = add_special
+        inp.parse_special = True
+        arr = (mt.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+        return mt.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
+
+    def _tokenizes(self, text: str) -> bool:
+        """Whether the vocabulary can encode `text` (no images), through libmtmd, which catches llama.cpp's
+        exception (llama_tokenize itself would let it escape into Python's process and abort it)."""
+        mt = self._mtmd
+        chunks = mt.mtmd_input_chunks_init()
+        try:
+            return self._mtmd_tokenize(chunks, text, False, []) == 0
+        finally:
+            mt.mtmd_input_chunks_free(chunks)
+
+    def _tokenize_error(self, text: str, rc: int, n_images: int) -> LlavaGgufError:
+        """Why mtmd_tokenize failed, in the user's terms. Its code 2 ("media preprocessing error" in mtmd.h)
+        is also what it returns for any C++ exception while tokenizing (mtmd.cpp catches them all): a
+        SentencePiece vocabulary with no byte fallback throws (llama_vocab::byte_to_token's map::at) on a
+        character it has no piece for, such as the newline the chat template adds. The first such
+        character is found by bisecting the text."""
+        plain = text.replace(IMAGE_PLACEHOLDER, "")
+        if rc == 2 and not self._tokenizes(plain):
+            lo, hi = 0, len(plain)  # plain[:lo] tokenizes, plain[:hi] does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if self._tokenizes(plain[:mid]) else (lo, mid)
+            return _Unencodable(plain[lo])
+        if rc == 2 and n_images:
+            return LlavaGgufError(f"libmtmd could not pre-process the image(s) (code {rc})",
+                                  "run with --verbose for llama.cpp's log")
+        return LlavaGgufError(f"libmtmd could not tokenize the prompt with {n_images} image(s) (code {rc})",
+                              "run with --verbose for llama.cpp's log")
 
     def _segments(self, chunks, hashes: list[str]) -> list[tuple]:
         """("text", token ids) and ("image", hash, chunk, n positions) in prompt order."""
@@ -402,6 +457,7 @@ class LLaVA:
             size -= old.nbytes
         return rows
 
+    @_open
     def embed_image(self, image: ImageInput) -> np.ndarray:
         """The rows the runtime feeds the LLM for `image`: shape (n_tokens, n_embd) — after
         pre-processing, the vision tower and the projector."""
@@ -417,12 +473,14 @@ class LLaVA:
         raise LlavaGgufError("libmtmd produced no image chunk")
 
     # ----------------------------------------------------------------- evaluation
+    @_open
     def reset(self) -> None:
         """Forget the KV cache (the image embedding cache stays)."""
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
         self._spans = []
 
+    @_open
     def eval_chunks(self, chunks) -> list[int]:
         """Decode mtmd chunks after what the context holds; returns the context's token ids."""
         mt, llm = self._mtmd, self.llm
@@ -451,6 +509,7 @@ class LLaVA:
                 llm.n_tokens = new_past.value
         return llm.input_ids[: llm.n_tokens].tolist()
 
+    @_open
     def eval_image(self, image: ImageInput) -> None:
         """Encode `image` and decode its rows after what the context holds."""
         if self._anyres is not None:  # libmtmd's own evaluation would use its LLaVA-UHD rows
@@ -462,6 +521,7 @@ class LLaVA:
         finally:
             self._mtmd.mtmd_input_chunks_free(chunks)
 
+    @_open
     def eval_embeddings(self, embd: np.ndarray) -> None:
         """Decode raw embedding rows (e.g. from embed_image) after what the context holds."""
         lc, llm = self._lc, self.llm
@@ -487,10 +547,12 @@ class LLaVA:
             llm.input_ids[llm.n_tokens:llm.n_tokens + len(part)] = self._image_token
             llm.n_tokens += len(part)
 
+    @_open
     def eval_tokens(self, tokens: Sequence[int]) -> None:
         self._check_room(len(tokens))
         self.llm.eval(list(tokens))
 
+    @_open
     def last_logits(self) -> np.ndarray:
         ptr = self._lc.llama_get_logits_ith(self.llm._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
@@ -498,11 +560,19 @@ class LLaVA:
     def _check_room(self, n: int) -> None:
         if self.llm.n_tokens + n > self.n_ctx:
             raise LlavaGgufError(f"the prompt needs {self.llm.n_tokens + n} tokens but the context holds "
-                                 f"{self.n_ctx}", "pass a larger n_ctx (--ctx)")
+                                 f"{self.n_ctx}", self._room_hint())
+
+    def _room_hint(self) -> str:
+        if self.context_limit and self.llm_info.sliding_window and self.n_ctx >= self.llm_info.sliding_window:
+            return f"{self.context_limit} is the longest context this model computes exactly"
+        return "pass a larger n_ctx (--ctx)"
 
     # ----------------------------------------------------------------- prompting
+    @_open
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         # text that happens to contain "<image>" or libmtmd's marker is text, not an image slot
+        for m in messages:
+            check_text(m.text or "", _ROLES.get(m.role, f"a {m.role} message"))
         messages = [Message(m.role, (m.text or "").replace(self._marker, "").replace(IMAGE_PLACEHOLDER, _LITERAL_IMAGE),
                             m.n_images) for m in messages]
         return self._render(messages, add_generation_prompt).replace(_LITERAL_IMAGE, IMAGE_PLACEHOLDER.replace("<", "< "))
@@ -518,12 +588,14 @@ class LLaVA:
         llm = self.llm
         return tuple(self._piece(t).decode(errors="replace") if t >= 0 else "" for t in (llm.token_bos(), llm.token_eos()))
 
+    @_open
     def eval_prompt(self, prompt: str, images: Sequence[ImageInput] = ()) -> list[int]:
         """One user turn (the images before the text), rendered from the chat template and decoded
         (reusing whatever prefix the KV cache already holds); returns the context's token ids (image
         positions carry the <image> id)."""
         return self.eval_messages([Message("user", prompt, n_images=len(images))], list(images))
 
+    @_open
     def eval_messages(self, messages: list[Message], images: Sequence[ImageInput]) -> list[int]:
         """Render `messages` (with a generation prompt) and make the KV cache hold exactly that prompt,
         decoding only what differs from what it held. `images` fill the messages' image slots in order."""
@@ -536,6 +608,7 @@ class LLaVA:
         self.last.prompt_seconds = time.perf_counter() - t0
         return self.llm.input_ids[: self.llm.n_tokens].tolist()
 
+    @_open
     def count_prompt(self, messages: list[Message], images: Sequence[ImageInput]) -> int:
         """Positions `messages` would take in the context (text tokens + image rows), without decoding."""
         chunks, segs = self._prompt(messages, images)
@@ -584,7 +657,10 @@ class LLaVA:
         The caller frees the chunks."""
         text = self.render(messages)
         hashes = [] if hashes is None else hashes
-        chunks = self._tokenize(text, list(images), add_special=True, hashes=hashes)
+        try:
+            chunks = self._tokenize(text, list(images), add_special=True, hashes=hashes)
+        except _Unencodable as e:
+            raise e.located(any(e.char in (m.text or "") for m in messages)) from None
         try:
             return chunks, self._splice_answers(self._segments(chunks, hashes), self._answers(messages))
         except BaseException:
@@ -669,7 +745,7 @@ class LLaVA:
         n_ctx = self.n_ctx
         if len(want) >= n_ctx:
             raise LlavaGgufError(f"the prompt needs {len(want)} tokens ({sum(1 for x in want if isinstance(x, tuple))} "
-                                 f"for images) but the context holds {n_ctx}", "pass a larger n_ctx (--ctx)")
+                                 f"for images) but the context holds {n_ctx}", self._room_hint())
         held = self._held()
         p = 0
         for a, b in zip(held, want):
@@ -703,32 +779,58 @@ class LLaVA:
                     self._spans.append((pos, n, seg[1]))
             pos += n
 
+    @_open
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._lc.llama_vocab_is_eog(self.llm._model.vocab, token))
 
+    @_open
     def stream_from_image(self, image: ImageInput, prompt: str, *, max_tokens: int = 256, temperature: float = 0.2,
                           top_p: float = 0.95, top_k: int = 40, repeat_penalty: float = 1.1,
                           stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
         """Like generate_from_image, yielding text pieces as they are decoded."""
-        yield from self.stream_messages([Message("user", prompt, n_images=1)], [image], max_tokens=max_tokens,
-                                        temperature=temperature, top_p=top_p, top_k=top_k,
-                                        repeat_penalty=repeat_penalty, stop=stop, seed=seed)
+        return self.stream_messages([Message("user", prompt, n_images=1)], [image], max_tokens=max_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k,
+                                    repeat_penalty=repeat_penalty, stop=stop, seed=seed)
 
+    @_open
     def generate_from_image(self, image: ImageInput, prompt: str, **sampling) -> str:
         """Answer `prompt` about `image`: max_tokens=256, temperature=0.2 (0 = greedy), top_p=0.95,
         top_k=40, repeat_penalty=1.1, stop=None (a string or strings that end the answer, not
         included), seed=None (random)."""
         return "".join(self.stream_from_image(image, prompt, **sampling))
 
+    @_open
     def stream_messages(self, messages: list[Message], images: Sequence[ImageInput], *, max_tokens: int = 256,
                         temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40, repeat_penalty: float = 1.1,
                         stop: str | Sequence[str] | None = None, seed: int | None = None) -> Iterator[str]:
-        """The answer to a whole conversation (`messages`, their images in order), streamed."""
-        prompt_ids = self.eval_messages(messages, images)
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        yield from self._sample(prompt_ids, Sampling(max_tokens, temperature, top_p, top_k, 0.05, repeat_penalty,
-                                                     stops, seed))
+        """The answer to a whole conversation (`messages`, their images in order), streamed. The settings
+        are checked now (InvalidSetting, a ValueError); the prompt is decoded when the stream starts."""
+        settings = sampling_settings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                     repeat_penalty=repeat_penalty, stop=stop, seed=seed)
+        return self._stream(messages, images, settings)
 
+    @staticmethod
+    def validate_sampling(**sampling) -> Sampling:
+        """The sampling keywords of stream_messages checked, as it checks them (for callers that need a
+        value, e.g. max_tokens, before they call it)."""
+        return sampling_settings(**sampling)
+
+    def _stream(self, messages: list[Message], images: Sequence[ImageInput], settings: Sampling) -> Iterator[str]:
+        prompt_ids = self.eval_messages(messages, images)
+        yield from self._sample(prompt_ids, settings)
+
+    def _while_open(self, tokens: Iterator[int]) -> Iterator[int]:
+        """`tokens`, checking before each one that the model was not closed meanwhile (a stream resumed
+        after close() would decode on a freed context)."""
+        while True:
+            self._check_open()
+            try:
+                token = next(tokens)
+            except StopIteration:
+                return
+            yield token
+
+    @_open
     def chat(self, system: str | None = None, *, on_overflow: str = "error"):
         """A multi-turn conversation; follow-up turns decode only what is new. `on_overflow`: "error" or
         "drop_oldest" (drop the oldest turns when the conversation no longer fits the context)."""
@@ -751,8 +853,9 @@ class LLaVA:
         stats = self.last
         ids: list[int] = []
         try:
-            for token in _decode_errors(llm.generate(prompt_ids, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                                                     temp=s.temperature, repeat_penalty=s.repeat_penalty, reset=True)):
+            for token in self._while_open(_decode_errors(llm.generate(
+                    prompt_ids, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
+                    repeat_penalty=s.repeat_penalty, reset=True))):
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
@@ -802,6 +905,23 @@ def _decode_errors(tokens: Iterator[int]) -> Iterator[int]:
         yield from tokens
     except RuntimeError as e:
         raise LlavaGgufError(f"llama.cpp failed to decode: {e}") from None
+
+
+class _Unencodable(LlavaGgufError):
+    """A character the model's vocabulary has no token for (and no byte-fallback tokens to spell it)."""
+
+    def __init__(self, char: str, in_user_text: bool | None = None) -> None:
+        name = {"\n": "newline", "\t": "tab", " ": "space", "\r": "carriage return"}.get(char)
+        shown = f"the {name} (U+{ord(char):04X})" if name else f"{char!r} (U+{ord(char):04X})"
+        where = {True: "your text", False: "the prompt (the chat template adds it)", None: "the prompt"}[in_user_text]
+        hint = ("leave the character out" if in_user_text else
+                "convert the model again with a tokenizer that has byte_fallback or a piece for it")
+        super().__init__(f"the model's vocabulary cannot encode {shown} in {where}: its SentencePiece tokenizer has "
+                         "no piece for it and no byte fallback (libmtmd code 2)", hint)
+        self.char = char
+
+    def located(self, in_user_text: bool) -> _Unencodable:
+        return _Unencodable(self.char, in_user_text)
 
 
 def _one_of(a, b, name_a: str, name_b: str):

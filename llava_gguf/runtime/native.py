@@ -95,7 +95,34 @@ def llama_cpp():
     configure()
     import llama_cpp as module
 
+    _close_devnull_at_exit()
     return module
+
+
+_devnull_registered = False
+
+
+def _close_devnull_at_exit() -> None:
+    """llama-cpp-python opens two /dev/null files at import (llama_cpp._utils) and never closes them;
+    depending on the order of interpreter teardown Python then prints "ResourceWarning: unclosed file"
+    on stderr after our own output. Close them at exit, before the teardown."""
+    global _devnull_registered
+    if _devnull_registered:
+        return
+    _devnull_registered = True
+    import atexit
+
+    def close() -> None:
+        utils = sys.modules.get("llama_cpp._utils")
+        for name in ("outnull_file", "errnull_file"):
+            f = getattr(utils, name, None)
+            if f is not None and not f.closed:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+    atexit.register(close)
 
 
 def mtmd_cpp():

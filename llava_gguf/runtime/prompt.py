@@ -2,9 +2,9 @@
 image before the text as LLaVA was trained; never a handler's hard-coded system prompt."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
+from ..chat_template import compile_template, jinja_error_line
 from ..errors import LlavaGgufError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -25,34 +25,6 @@ def _content(m: Message) -> list[dict]:
     return [{"type": "image"} for _ in range(m.n_images)] + [{"type": "text", "text": m.text}]
 
 
-def _generation_extension():
-    """transformers' `{% generation %}...{% endgeneration %}` tag (marks assistant text for training
-    masks; llava-hf's template uses it): rendered as its body."""
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-
-    class Generation(Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    return Generation
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(template: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_generation_extension()])
-    return env.from_string(template)
-
-
 def _raise_exception(message: str) -> None:
     raise LlavaGgufError(f"the chat template refused the conversation: {message}")
 
@@ -62,12 +34,12 @@ def render(template: str, messages: list[Message], *, bos: str, eos: str, add_ge
     from jinja2 import TemplateError
 
     try:
-        text = _compiled(template).render(
+        text = compile_template(template).render(
             messages=[{"role": m.role, "content": _content(m)} for m in messages],
             add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
             raise_exception=_raise_exception)
     except TemplateError as e:
-        raise LlavaGgufError(f"the model's chat template failed: {e}") from None
+        raise LlavaGgufError(f"the model's chat template failed: {jinja_error_line(e)}") from None
     return text
 
 

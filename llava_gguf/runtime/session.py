@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LlavaGgufError
+from ..outputs import atomic_outputs, write_error
 from .images import ImageInput, content_hash, load_image
 from .prompt import Message
 
@@ -72,22 +73,38 @@ class ChatSession:
         if system is not ...:
             self.system = system
 
-    def save(self, path: str | Path) -> None:
-        """A JSON transcript; images by path and content hash (images given as pixels have no path)."""
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """A JSON transcript; images by path and content hash (images given as pixels have no path).
+        Written atomically; an existing file is replaced only with `force`."""
         turns = self.history[1 if self.system else 0:]
         for t, raw in zip(turns, self.turns):
             if raw.tokens:
                 t["tokens"] = list(raw.tokens)  # the answer as generated: a loaded transcript reuses the cache
         data = {"format": "llava-gguf-chat/1", "system": self.system, "turns": turns}
-        Path(path).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            payload = (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (a file name that is not UTF-8): \u-escaped, it round-trips
+            payload = (json.dumps(data, indent=1) + "\n").encode("ascii")
+        path = Path(path).expanduser()
+        if not path.name or path.is_dir():
+            raise LlavaGgufError(f"{path} is a directory", "give a file name for the transcript")
+        with atomic_outputs(path.parent, [path.name], force=force) as out:
+            try:
+                with out.open_write(0) as f:
+                    f.write(payload)
+            except OSError as e:
+                raise write_error(e, path) from None
+        return path
 
     def load(self, path: str | Path) -> None:
         """Replace the conversation with a saved transcript; each image is read from its path and must
         still have the recorded content hash."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LlavaGgufError(f"cannot read the transcript {path} ({e.__class__.__name__})") from None
+        except OSError as e:
+            raise LlavaGgufError(f"cannot read the transcript {path}: {e.strerror or e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise LlavaGgufError(f"{path} is not a llava-gguf chat transcript ({e.__class__.__name__})") from None
         if not isinstance(data, dict) or data.get("format") != "llava-gguf-chat/1":
             raise LlavaGgufError(f"{path} is not a llava-gguf chat transcript")
         turns = []
@@ -127,11 +144,12 @@ class ChatSession:
     def ask(self, text: str, images: Sequence[ImageInput] = (), *, stream: bool = False, **sampling):
         """Add a user turn (images before the text) and answer it: a str, or with stream=True an iterator
         of text pieces (the turn is recorded when it ends, also when it is closed early)."""
+        settings = self.model.validate_sampling(**sampling)  # before any image is read (InvalidSetting)
         if isinstance(images, (str, Path, bytes)) or hasattr(images, "size"):
             images = [images]  # one image given bare
         refs = [ImageRef.of(im) for im in images]
         pending = Turn("user", text, refs)
-        turns = self._fit(self.turns + [pending], int(sampling.get("max_tokens", 256)))
+        turns = self._fit(self.turns + [pending], settings.max_tokens)
         msgs, pixels = self._messages(turns)
         pieces = self.model.stream_messages(msgs, pixels, **sampling)
         gen = self._record(turns, pieces)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import LlavaGgufError
+from ..hparams import ROOT_TYPES, STRING, check_types
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,14 @@ def _registry() -> tuple[Family, ...]:
 
 
 def find_family(config: dict) -> Family:
+    check_types(config, ROOT_TYPES)  # the fields read here are of their types; resolve_llava checks the rest
+    text = config.get("text_config")
+    if text is not None:
+        check_types(text, {"model_type": STRING}, "text_config.")
     archs = config.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
-    text = config.get("text_config")
-    text_model = text.get("model_type", "llama") if isinstance(text, dict) else None
+    text_model = text.get("model_type", "llama") if text is not None else None
     matches = [f for f in _registry() if any(a in f.architectures for a in archs)]
     for family in matches:
         if text_model is None or text_model in family.text_models:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...errors import LlavaGgufError
+from ..hparams import BOOL, STRING, check_text_types, check_types
 from . import Family, KeyLayout, llava15
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -37,6 +38,11 @@ _MM_KEYS = ("mm_vision_tower", "mm_hidden_size", "mm_vision_select_layer", "mm_v
             "image_aspect_ratio", "image_grid_pinpoints", "mm_projector_lr", "mm_vision_tower_lr",
             "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "unfreeze_mm_vision_tower", "use_mm_proj",
             "mm_resampler_type", "tokenizer_model_max_length", "tokenizer_padding_side")
+
+
+# the LLaVA fields read below (mm_vision_select_layer is checked as vision_feature_layer, in mmproj.py)
+_MM_TYPES = {"mm_projector_type": STRING, "image_aspect_ratio": STRING.or_null(), "mm_patch_merge_type": STRING,
+             "mm_use_im_start_end": BOOL.or_null(), "mm_vision_select_feature": STRING}
 
 
 def linear_as_gelu_pair(proj: dict) -> dict:
@@ -95,6 +101,9 @@ def clip_vision_config(clip_config: dict) -> dict:
 
 def llava_config(config: dict, clip_config: dict, text_model: str) -> dict:
     """The llava-hf config this checkpoint stands for (what resolve_llava and the mmproj writer read)."""
+    # checked here, where the keys sit at the top level of the file (resolve_llava sees them as text_config.*)
+    check_types(config, _MM_TYPES)
+    check_text_types(config, where="")
     projector = config.get("mm_projector_type", "linear")  # absent in LLaVA v1 configs: linear
     if projector not in ("mlp2x_gelu", "linear"):
         raise LlavaGgufError(f"mm_projector_type {projector!r} is not supported",

@@ -56,9 +56,9 @@ PROJECTOR = (
     ("linear_2.bias", "mm.2.bias"),
 )
 
-# llava-hf's own template for LLaVA-1.5 (Vicuna v1.1 roles, images before the text), used when a
-# checkpoint carries none.
-VICUNA_TEMPLATE = (
+# llava-hf's own template for LLaVA-1.5 (Vicuna v1.1 roles, images before the text), as the hub's
+# chat_template.json carries it (llava-hf/llava-1.5-7b-hf, bakLlava-v1-hf, this project's shipped model).
+LLAVA_HF_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
     "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
     "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
@@ -66,6 +66,22 @@ VICUNA_TEMPLATE = (
     "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
     "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# The family's template, used when a checkpoint carries none: the same text as LLAVA_HF_TEMPLATE for every
+# conversation, written so that llama.cpp's tools recognise it without --jinja. Their built-in layout is
+# picked from marker strings in the template (llm_chat_detect_template: "USER: " and "ASSISTANT: " for
+# Vicuna), and llava-hf's `message['role'].upper() + ': '` contains neither, so llama-mtmd-cli aborted on
+# every file written with it. Here the two roles are spelt out; any other role still gets its name in
+# capitals, as upper() gives. transformers' `{% generation %}` tag (a training-time mask marker that renders
+# its body) is left out: plain Jinja engines (jinja2 without transformers' extension, minijinja) refuse it.
+VICUNA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}"
+    "{% elif message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
 FAMILY = Family(

@@ -1,0 +1,87 @@
+"""What the runtime needs to know of a GGUF file before handing it to llama.cpp: its role, widths,
+template, context, the mmproj's geometry, and the numbers the KV cache's size follows from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LlavaGgufError
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    path: Path
+    arch: str
+    n_embd: int
+    chat_template: str | None
+    context_length: int | None
+    image_tokens: int | None  # mmproj only
+    image_size: int | None = None  # mmproj only: the vision tower's input resolution
+    pinpoints: tuple[int, ...] | None = None  # mmproj only: LLaVA-1.6's image_grid_pinpoints (flat h, w pairs)
+    # LLM only: what the KV cache's size follows from, and Mistral's attention window (see _context_size)
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_head_kv: tuple[int, ...] | None = None  # per layer (GGUF allows one value or one per layer)
+    key_length: int | None = None
+    value_length: int | None = None
+    sliding_window: int | None = None
+
+
+_MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp refuses more (and a hostile count must not size a tuple)
+
+
+def open_gguf(path: Path, what: str):
+    """A gguf-py reader for `path`, or a one-line error naming `what` is missing or unreadable."""
+    import gguf
+
+    from ..gguf_layout import check_loadable
+
+    if not path.exists():
+        raise LlavaGgufError(f"{what} {path} does not exist")
+    # gguf-py trusts the counts it reads (a hostile array length loops for minutes, a cut file reads past
+    # its end) and raises any exception type: the file's structure is walked and checked first
+    check_loadable(path)
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf-py on a file the walk accepted: still one line, never a traceback
+        raise LlavaGgufError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:200]})",
+                             "convert the model again") from None
+
+
+def read_gguf_info(path: Path, what: str, reader=None) -> GGUFInfo:
+    from ..gguf_checks import field_value
+
+    r = reader if reader is not None else open_gguf(path, what)
+
+    def field(key: str):  # a string that is not UTF-8 is decoded with replacement (gguf-py would raise)
+        return field_value(r, key)
+
+    arch = field("general.architecture") or "?"
+    if arch == "clip":
+        n_embd = field("clip.vision.projection_dim")
+        size, patch = field("clip.vision.image_size"), field("clip.vision.patch_size")
+        tokens = (size // patch) ** 2 if size and patch else None
+        pins = field("clip.vision.image_grid_pinpoints")
+        return GGUFInfo(path, arch, int(n_embd or 0), None, None, tokens, int(size) if size else None,
+                        tuple(int(v) for v in pins) if pins else None)
+    n_layer = _positive(field(f"{arch}.block_count"))
+    n_head = _positive(field(f"{arch}.attention.head_count"))
+    kv = field(f"{arch}.attention.head_count_kv")
+    kv = kv if kv is not None else n_head
+    n_head_kv = None  # a value that makes no sense (a damaged file) leaves the memory check out
+    if isinstance(kv, list) and kv and all(_positive(v) or v == 0 for v in kv):
+        n_head_kv = tuple(int(v) for v in kv)
+    elif _positive(kv) and n_layer and n_layer <= _MAX_LAYERS:
+        n_head_kv = (int(kv),) * n_layer
+    return GGUFInfo(path, arch, int(field(f"{arch}.embedding_length") or 0), field("tokenizer.chat_template"),
+                    field(f"{arch}.context_length"), None, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
+                    key_length=_positive(field(f"{arch}.attention.key_length")),
+                    value_length=_positive(field(f"{arch}.attention.value_length")),
+                    sliding_window=_positive(field(f"{arch}.attention.sliding_window")))
+
+
+def _positive(value) -> int | None:
+    """A GGUF integer that must be positive to mean anything (0 or absent: not given)."""
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0 else None
