@@ -364,6 +364,9 @@ def llm_defects(layout: GGUFLayout, meta: dict, arch: str) -> list[Defect]:
                        array_ok=True)
     n_ff = keys.get(f"{arch}.feed_forward_length", UINT32, required=llama, alt_array=True)
     n_rot = keys.get(f"{arch}.rope.dimension_count", UINT32, required=False)
+    # the head size: key_length / value_length when given (a config's head_dim), else n_embd / n_head
+    head_k = keys.get(f"{arch}.attention.key_length", UINT32, required=False)
+    head_v = keys.get(f"{arch}.attention.value_length", UINT32, required=False)
     n_expert = keys.get(f"{arch}.expert_count", UINT32, required=False)
     n_used = _count(keys.get(f"{arch}.expert_used_count", UINT32, required=False, alt_array=True), array_ok=True)
     n_groups = keys.get(f"{arch}.expert_group_count", UINT32, required=False)
@@ -392,12 +395,16 @@ def llm_defects(layout: GGUFLayout, meta: dict, arch: str) -> list[Defect]:
             bad.append(f"{name} is {value}")
     if llama and n_head is not None and n_head <= 0:
         bad.append(f"attention.head_count is {n_head}")
-    if _positive(n_embd) and _positive(n_head) and n_embd % n_head:
+    if _positive(n_embd) and _positive(n_head) and n_embd % n_head and not (_positive(head_k) and _positive(head_v)):
         bad.append(f"embedding_length {n_embd} is not a multiple of head_count {n_head}")
+    for name, value in (("key_length", head_k), ("value_length", head_v)):
+        if isinstance(value, int) and value <= 0:
+            bad.append(f"attention.{name} is {value}")
     if _positive(n_head) and n_head_kv is not None and (n_head_kv <= 0 or n_head % n_head_kv):
         bad.append(f"head_count_kv {n_head_kv} does not divide head_count {n_head}")
-    if llama and _positive(n_embd) and _positive(n_head) and isinstance(n_rot, int) and n_rot != n_embd // n_head:
-        bad.append(f"rope.dimension_count {n_rot} is not the head size {n_embd // n_head} (llama.cpp: invalid n_rot)")
+    head = head_k if _positive(head_k) else n_embd // n_head if _positive(n_embd) and _positive(n_head) else None
+    if llama and head is not None and isinstance(n_rot, int) and n_rot != head:
+        bad.append(f"rope.dimension_count {n_rot} is not the head size {head} (llama.cpp: invalid n_rot)")
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         got = layout.kv.get(key)
         if got is not None and got[0] == ARRAY and isinstance(n_vocab, int) and got[2] < n_vocab:
@@ -408,9 +415,11 @@ def llm_defects(layout: GGUFLayout, meta: dict, arch: str) -> list[Defect]:
         out.append(Defect("hparam-invalid", "; ".join(bad[:4]) + ": llama.cpp refuses to load the model or aborts",
                           False))
     if not llama or n_expert or not (_positive(n_embd) and _positive(n_head) and _positive(n_layer, 512)
-                                     and _positive(n_vocab)) or n_embd % n_head:
+                                     and _positive(n_vocab)) or bad:
         return out
-    return out + _llama_tensors(layout, n_embd, n_head, n_head_kv or n_head, n_ff, n_layer, n_vocab)
+    hk = head_k if _positive(head_k) else n_embd // n_head
+    hv = head_v if _positive(head_v) else n_embd // n_head
+    return out + _llama_tensors(layout, n_embd, n_head, n_head_kv or n_head, hk, hv, n_ff, n_layer, n_vocab)
 
 
 def _abort_hparams(n_layer, n_nextn, n_expert, n_used, n_groups, n_group_used, rope_scaling) -> list[str]:
@@ -434,24 +443,25 @@ def _abort_hparams(n_layer, n_nextn, n_expert, n_used, n_groups, n_group_used, r
     return bad
 
 
-def _llama_tensors(layout, n_embd, n_head, n_head_kv, n_ff, n_layer, n_vocab) -> list[Defect]:
-    """models/llama.cpp's load_arch_tensors (dense): what must be there, with which shape; and llama.cpp's
-    loader refuses a file with tensors it did not create ("wrong number of tensors")."""
+def _llama_tensors(layout, n_embd, n_head, n_head_kv, head_k, head_v, n_ff, n_layer, n_vocab) -> list[Defect]:
+    """models/llama.cpp's load_arch_tensors (dense): what must be there, with which shape (heads of head_k
+    / head_v values: key_length / value_length); and llama.cpp's loader refuses a file with tensors it did
+    not create ("wrong number of tensors")."""
     by_name = {t.name: t for t in layout.tensors}
-    n_kv = n_embd // n_head * n_head_kv
+    n_q, n_k, n_v, n_o = n_head * head_k, n_head_kv * head_k, n_head_kv * head_v, n_head * head_v
     ff = n_ff if _positive(n_ff) else None  # a per-layer array: shapes not checked
     want: dict[str, tuple | None] = {"token_embd.weight": (n_embd, n_vocab), "output_norm.weight": (n_embd,)}
     optional: dict[str, tuple | None] = {"output.weight": (n_embd, n_vocab), "rope_freqs.weight": None}
     for i in range(n_layer):
         p = f"blk.{i}."
-        want.update({p + "attn_norm.weight": (n_embd,), p + "attn_output.weight": (n_embd, n_embd),
+        want.update({p + "attn_norm.weight": (n_embd,), p + "attn_output.weight": (n_o, n_embd),
                      p + "ffn_norm.weight": (n_embd,), p + "ffn_gate.weight": ff and (n_embd, ff),
                      p + "ffn_up.weight": ff and (n_embd, ff), p + "ffn_down.weight": ff and (ff, n_embd)})
-        qkv = {p + "attn_q.weight": (n_embd, n_embd), p + "attn_k.weight": (n_embd, n_kv),
-               p + "attn_v.weight": (n_embd, n_kv)}
+        qkv = {p + "attn_q.weight": (n_embd, n_q), p + "attn_k.weight": (n_embd, n_k),
+               p + "attn_v.weight": (n_embd, n_v)}
         (optional if p + "attn_qkv.weight" in by_name else want).update(qkv)
         optional.update({p + s: None for s in _LLAMA_LAYER_OPTIONAL})
-        optional[p + "attn_qkv.weight"] = (n_embd, n_embd + 2 * n_kv)
+        optional[p + "attn_qkv.weight"] = (n_embd, n_q + n_k + n_v)
     missing = [n for n in want if n not in by_name]
     wrong = [f"{n} {list(_ne(by_name[n]))} (expected {list(s)})" for n, s in {**want, **optional}.items()
              if s and n in by_name and _ne(by_name[n]) != _strip(s)]

@@ -203,3 +203,36 @@ def test_bakllava_mistral_text_model(tiny, converted, layout):
     scale = float(np.abs(ref_logits).max())
     assert float(np.abs(logits - ref_logits).max()) <= 2e-3 * scale
     assert tokens == ref_tokens
+
+
+def test_head_dim_other_than_hidden_over_heads(tmp_path, monkeypatch):
+    """A text config whose head_dim is not hidden_size / num_attention_heads (transformers allows it; the
+    converter writes key_length / value_length): the file loads and answers as transformers does, and no
+    command refuses it (the load checks once took the head size as n_embd / n_head and refused it)."""
+    import functools
+
+    import transformers
+
+    from llava_gguf.convert import convert_checkpoint
+    from llava_gguf.inspection import inspect_path
+    from llava_gguf.tiny import TinySpec, make_tiny_llava
+
+    init = transformers.LlamaConfig.__init__
+
+    @functools.wraps(init)
+    def with_head_dim(self, *args, **kwargs):
+        kwargs.setdefault("head_dim", 32)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaConfig, "__init__", with_head_dim)
+    ckpt = make_tiny_llava(tmp_path / "ckpt", TinySpec())
+    monkeypatch.undo()
+    cfg = json.loads((ckpt / "config.json").read_text())["text_config"]
+    assert cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]
+    r = convert_checkpoint(ckpt, tmp_path / "out", outtype="f32")
+    assert inspect_path(r.llm)["defects"] == [] and inspect_path(r.mmproj)["defects"] == []
+    image = sample_image(112, seed=11)
+    ref_feats, ref_logits, ref_tokens, (before, after) = hf_reference(ckpt, image, N_GREEDY)
+    feats, logits, tokens = ours(r.llm, r.mmproj, image, before, after, N_GREEDY)
+    assert mean_cosine(feats, ref_feats) >= 0.9999
+    assert tokens == ref_tokens

@@ -147,8 +147,8 @@ BAD_SETTINGS = [
     ("max_tokens", 0, "--max-tokens", "max_tokens (--max-tokens) must be an integer of at least 1, not 0"),
     ("max_tokens", -3, "--max-tokens", "max_tokens (--max-tokens) must be an integer of at least 1, not -3"),
     ("temperature", -0.5, "--temp", "temperature (--temp) must be a number of at least 0 (0: greedy), not -0.5"),
-    ("top_p", 0.0, "--top-p", "top_p (--top-p) must be a number greater than 0 and at most 1, not 0.0"),
-    ("top_p", 1.5, "--top-p", "top_p (--top-p) must be a number greater than 0 and at most 1, not 1.5"),
+    ("top_p", -0.1, "--top-p", "top_p (--top-p) must be a number from 0 to 1 (0: only the most likely token), not -0.1"),
+    ("top_p", 1.5, "--top-p", "top_p (--top-p) must be a number from 0 to 1 (0: only the most likely token), not 1.5"),
     ("top_k", -1, "--top-k", "top_k (--top-k) must be an integer of at least 0 (0: all tokens), not -1"),
     ("repeat_penalty", 0.0, "--repeat-penalty",
      "repeat_penalty (--repeat-penalty) must be a number greater than 0 (1: none), not 0.0"),
@@ -167,14 +167,22 @@ def test_the_api_refuses_bad_sampling_settings_with_a_value_error(pair):
             assert isinstance(e.value, LlavaGgufError) and str(e.value) == message
             with pytest.raises(ValueError):  # refused when the stream is made, before anything is decoded
                 m.stream_from_image(img, "Hi?", **{key: value})
-        for stop, words in [("", "must not be empty"), ([""], "must not be empty"), ([1], "a string or a list")]:
+        for stop, words in [("", "must not be empty"), ([""], "must not be empty"), ([1], "a string or a list"),
+                            (5, "a string or a list")]:
             with pytest.raises(ValueError, match=words):
                 m.generate_from_image(img, "Hi?", stop=stop)
+        for min_p in (-3, "x", None, 1.5):
+            with pytest.raises(ValueError, match="min_p must be a number from 0 to 1"):
+                m.validate_sampling(min_p=min_p)
         s = m.chat()
         with pytest.raises(ValueError, match="max_tokens"):
             s.ask("Hi?", [img], max_tokens=0)
         assert s.turns == []
         assert m.generate_from_image(img, "Hi?", temperature=0, max_tokens=2, top_p=1.0, top_k=0, seed=-1)
+        # accepted as llama.cpp takes them: top_p 0 (the most likely token), its own "random" seed 0xFFFFFFFF,
+        # stop strings from any iterable (a generator is consumed once: it was checked, then found empty)
+        settings = m.validate_sampling(top_p=0, seed=0xFFFFFFFF, stop=(s for s in ["###", "USER:"]))
+        assert (settings.top_p, settings.seed, settings.stop) == (0.0, None, ("###", "USER:"))
 
 
 @pytest.mark.parametrize("key,value,option,message", [BAD_SETTINGS[0], BAD_SETTINGS[4], BAD_SETTINGS[7]])
@@ -375,3 +383,21 @@ def test_a_character_the_vocabulary_cannot_encode_is_named(no_byte_fallback, ima
     p = run_cli("chat", str(no_byte_fallback[0]), "--mmproj", str(no_byte_fallback[1]), "--image", str(image),
                 "--prompt", "what is it")
     _one_error_line(p, "cannot encode the newline (U+000A)", "byte fallback")
+
+
+def test_available_memory_counts_reclaimable_page_cache_in_a_cgroup(tmp_path):
+    """cgroup v2's memory.current includes the page cache (a model just read): a 24 GiB container with
+    23.5 GiB 'used', 20 GiB of it inactive file pages, has ~20.5 GiB to give, not 0.5 (which refused even
+    the default context of a 7B)."""
+    from llava_gguf.runtime.settings import available_memory
+
+    gib = 2**30
+    (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gib // 1024} kB\nMemAvailable: {60 * gib // 1024} kB\n")
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    (cg / "memory.max").write_text(f"{24 * gib}\n")
+    (cg / "memory.current").write_text(f"{int(23.5 * gib)}\n")
+    (cg / "memory.stat").write_text(f"anon {3 * gib}\nfile {20 * gib}\ninactive_file {20 * gib}\n")
+    assert available_memory(tmp_path / "meminfo", cg) == int(20.5 * gib)
+    (cg / "memory.max").write_text("max\n")
+    assert available_memory(tmp_path / "meminfo", cg) == 60 * gib

@@ -171,8 +171,12 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
         if quant is not None:
             from ..quantize import _Job
 
-            _Job.plan(stage, quant, allow_requantize=False, imatrix=None).run(
-                llm_partial, threads=None, leave_output_tensor=False, verbose=False, progress=progress.quantize,
-                target=outdir / llm_name, on_abandon=out.park)
+            try:
+                job = _Job.plan(stage, quant, allow_requantize=False, imatrix=None)
+            except LlavaGgufError as e:  # about the F16 stage: name the output, not /proc/self/fd/N
+                raise LlavaGgufError(e.message.replace(str(stage), f"the F16 stage of {outdir / llm_name}"),
+                                     e.hint) from None
+            job.run(llm_partial, threads=None, leave_output_tensor=False, verbose=False, progress=progress.quantize,
+                    target=outdir / llm_name, on_abandon=out.park)
     return ConvertResult(outdir / llm_name, outdir / mm_name, family.name, layout.name,
                          len(llm.tensors) + len(mm.tensors), llm.data_bytes + mm.data_bytes)

@@ -101,7 +101,7 @@ TEXT_TYPES = {"model_type": STRING, "vocab_size": COUNT, "hidden_size": COUNT, "
               "rope_scaling": OBJECT.or_null(), "rope_parameters": OBJECT.or_null(), "attention_bias": BOOL,
               "mlp_bias": BOOL, "tie_word_embeddings": BOOL}
 ROPE_TYPES = {"rope_type": STRING.or_null(), "type": STRING.or_null(), "factor": POSITIVE.or_null(),
-              "original_max_position_embeddings": COUNT, "rope_theta": POSITIVE}
+              "original_max_position_embeddings": COUNT.or_null(), "rope_theta": POSITIVE}
 # CLIPVisionConfig: what convert/mmproj.py reads
 VISION_TYPES = {"hidden_size": COUNT, "intermediate_size": COUNT, "num_hidden_layers": COUNT,
                 "num_attention_heads": COUNT, "num_channels": COUNT, "image_size": COUNT, "patch_size": COUNT,

@@ -204,7 +204,7 @@ class LLaVA:
                 notes.append(f"a context of {n_ctx} tokens is above the model's training context ({train} tokens); "
                              "answers past that length may degrade")
         if check_memory:
-            fits_in_memory(info, n_ctx)
+            fits_in_memory(info, n_ctx, least=self.image_tokens + 64)
         for note in notes:
             warn(note, stacklevel=3)
         return n_ctx

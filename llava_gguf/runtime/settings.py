@@ -36,13 +36,13 @@ def is_number(v) -> bool:
 
 
 def check_seed(seed) -> int | None:
-    """None or -1 (random), or a seed llama.cpp takes."""
+    """None, -1 or 0xFFFFFFFF (llama.cpp's LLAMA_DEFAULT_SEED): random; or a seed llama.cpp takes (uint32)."""
     if seed is None:
         return None
-    if not is_int(seed) or not -1 <= seed < _SEED_MAX:
+    if not is_int(seed) or not -1 <= seed <= _SEED_MAX:
         raise InvalidSetting(f"seed (--seed) must be an integer from 0 to {_SEED_MAX - 1}, or -1 for a random "
                              f"one, not {seed!r}")
-    return None if seed == -1 else int(seed)
+    return None if seed in (-1, _SEED_MAX) else int(seed)
 
 
 def sampling_settings(*, max_tokens=256, temperature=0.2, top_p=0.95, top_k=40, repeat_penalty=1.1, stop=None,
@@ -56,16 +56,17 @@ def sampling_settings(*, max_tokens=256, temperature=0.2, top_p=0.95, top_k=40, 
         raise bad("max_tokens (--max-tokens) must be an integer of at least 1", max_tokens)
     if not is_number(temperature) or temperature < 0:
         raise bad("temperature (--temp) must be a number of at least 0 (0: greedy)", temperature)
-    if not is_number(top_p) or not 0 < top_p <= 1:
-        raise bad("top_p (--top-p) must be a number greater than 0 and at most 1", top_p)
+    if not is_number(top_p) or not 0 <= top_p <= 1:
+        raise bad("top_p (--top-p) must be a number from 0 to 1 (0: only the most likely token)", top_p)
+    if not is_number(min_p) or not 0 <= min_p <= 1:
+        raise bad("min_p must be a number from 0 to 1", min_p)
     if not is_int(top_k) or top_k < 0:
         raise bad("top_k (--top-k) must be an integer of at least 0 (0: all tokens)", top_k)
     if not is_number(repeat_penalty) or repeat_penalty <= 0:
         raise bad("repeat_penalty (--repeat-penalty) must be a number greater than 0 (1: none)", repeat_penalty)
-    stops = (stop,) if isinstance(stop, str) else stop if stop is not None else ()
-    if isinstance(stops, (bytes, bytearray)) or not all(isinstance(st, str) for st in _iterable(stops)):
+    stops = (stop,) if isinstance(stop, str) else _as_tuple(stop) if stop is not None else ()
+    if stops is None or isinstance(stop, (bytes, bytearray)) or not all(isinstance(st, str) for st in stops):
         raise bad("stop must be a string or a list of strings", stop)
-    stops = tuple(stops)
     if any(not st for st in stops):
         raise InvalidSetting("stop strings must not be empty (an empty one would end every answer at once)")
     for st in stops:
@@ -74,11 +75,12 @@ def sampling_settings(*, max_tokens=256, temperature=0.2, top_p=0.95, top_k=40, 
                     float(repeat_penalty), stops, check_seed(seed))
 
 
-def _iterable(x) -> list:
+def _as_tuple(x) -> tuple | None:
+    """Any iterable of stop strings (a list, tuple, generator: consumed once, here), or None."""
     try:
-        return list(x)
+        return tuple(x)
     except TypeError:
-        return [None]  # not a sequence: fails the str check
+        return None
 
 
 def check_text(text: str, what: str) -> None:
@@ -108,20 +110,26 @@ def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int | None:
     return n_ctx * sum(h * (k + v) for h in info.n_head_kv) * 2
 
 
-def available_memory() -> int | None:
+def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes this process can still allocate: MemAvailable, lowered by a cgroup (v2) memory limit."""
     avail = None
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 avail = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     try:
-        cg = Path("/sys/fs/cgroup")
+        cg = cgroup
         limit = (cg / "memory.max").read_text().strip()
         if limit != "max":
-            room = int(limit) - int((cg / "memory.current").read_text().strip())
+            # memory.current counts the page cache too (a model just read sits there): what the kernel
+            # reclaims first, inactive_file, is room as well (as docker stats and the kubelet count it)
+            used = int((cg / "memory.current").read_text().strip())
+            for line in (cg / "memory.stat").read_text().splitlines():
+                if line.startswith("inactive_file "):
+                    used -= int(line.split()[1])
+            room = int(limit) - max(0, used)
             avail = room if avail is None else min(avail, room)
     except (OSError, ValueError):
         pass
@@ -140,7 +148,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def check_memory(info: GGUFInfo, n_ctx: int) -> None:
+def check_memory(info: GGUFInfo, n_ctx: int, least: int = 0) -> None:
     """Refuse, with the numbers, a context whose KV cache and attention scores do not fit in the memory
     available now (llama.cpp would allocate and clear gigabytes of KV cache before failing)."""
     padded = -(-n_ctx // 256) * 256  # llama.cpp pads its context to 256 positions
@@ -154,13 +162,15 @@ def check_memory(info: GGUFInfo, n_ctx: int) -> None:
     scores = padded * ubatch * (info.n_head * 4 + 4)
     if kv + scores > avail:
         k = info.key_length or info.n_embd // info.n_head
-        fits = next((c for c in (2**p for p in range(30, 7, -1)) if c < n_ctx and
+        # a suggestion only when it still holds `least` positions (an image and a question)
+        fits = next((c for c in (2**p for p in range(30, 7, -1)) if least <= c < n_ctx and
                      2 * (kv_cache_bytes(info, c) + c * min(512, c) * (info.n_head * 4 + 4)) <= avail), None)
         raise InvalidSetting(
             f"a context of {n_ctx} tokens needs {_gib(kv + scores)} of memory ({_gib(kv)} of KV cache: "
             f"{info.n_layer} layers x {max(info.n_head_kv)} KV heads x {k} dims x K and V in F16, and "
             f"{_gib(scores)} of attention scores for a {ubatch}-token batch) but {_gib(avail)} is available",
-            f"pass a smaller n_ctx (--ctx){f', e.g. {fits}' if fits else ''}")
+            f"pass a smaller n_ctx (--ctx), e.g. {fits}" if fits else
+            f"free some memory: a context that holds one image ({least} positions) does not fit either")
 
 
 def thread_count(n_threads) -> int:
