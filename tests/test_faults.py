@@ -17,7 +17,7 @@ import pytest
 
 from llava_gguf.errors import LlavaGgufError
 
-from conftest import run_cli
+from conftest import run_cli, wait_for_temporaries
 from test_outputs import legacy_mmproj, one_error_line
 
 
@@ -145,17 +145,7 @@ def test_read_only_output_file_system(tiny, converted, tmp_path, read_only_fs):
 def _kill_when_writing(cmd: list[str], out: Path, min_size: int) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "llava_gguf", *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        temps = list(out.glob("*.partial")) if out.exists() else []
-        try:
-            if temps and any(t.stat().st_size >= min_size for t in temps):
-                break
-        except FileNotFoundError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed: " + proc.stderr.read())
-        time.sleep(0.005)
+    wait_for_temporaries(proc, out, min_size=min_size)
     proc.kill()
     proc.communicate(timeout=60)
 
@@ -192,16 +182,7 @@ def test_sigkill_mid_quantize_then_a_new_run(tiny, converted, tmp_path):
 def _interrupt_when_writing(cmd: list[str], out: Path, sig: int) -> subprocess.CompletedProcess:
     proc = subprocess.Popen([sys.executable, "-m", "llava_gguf", *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if any(t.stat().st_size > 0 for t in out.glob(".*.partial")):
-                break
-        except FileNotFoundError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be interrupted: " + proc.stderr.read())
-        time.sleep(0.01)
+    wait_for_temporaries(proc, out)
     time.sleep(0.3)
     t0 = time.monotonic()
     proc.send_signal(sig)

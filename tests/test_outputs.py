@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import gguf
@@ -18,7 +17,7 @@ import pytest
 from llava_gguf.errors import LlavaGgufError
 from llava_gguf.inspection import FEATURE_LAYER_KEY
 
-from conftest import run_cli
+from conftest import run_cli, wait_for_temporaries
 from gguf_edit import rewrite_gguf
 
 VICTIM_TEXT = "precious data the victim can write\n"
@@ -230,21 +229,6 @@ def test_session_load_errors_are_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- concurrency
-def _wait_for_temporaries(out: Path, proc: subprocess.Popen, n: int, min_size: int = 2**20) -> None:
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        temps = [p for p in out.glob("*.partial")] if out.exists() else []
-        try:
-            if len(temps) >= n and any(p.stat().st_size > min_size for p in temps):
-                return
-        except FileNotFoundError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail("the first run finished before the second started: " + proc.stderr.read())
-        time.sleep(0.01)
-    pytest.fail("the first run never started writing")
-
-
 def test_two_runs_on_one_output(tiny, tmp_path):
     """Item 4, two real processes: while one convert writes OUTDIR, a second one for the same outputs
     (with --force) fails at once with one line naming the first; the first commits a consistent pair."""
@@ -253,7 +237,7 @@ def test_two_runs_on_one_output(tiny, tmp_path):
     cmd = [sys.executable, "-m", "llava_gguf", "convert", str(ckpt), "-o", str(out), "--outtype", "q8_0"]
     first = subprocess.Popen(cmd + ["--name", "m"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_temporaries(out, first, 2)
+        wait_for_temporaries(first, out, count=2, min_size=2**20)
         first.send_signal(signal.SIGSTOP)  # held mid-write, however fast this machine is
         try:
             second = subprocess.run(cmd + ["--name", "m", "--force"], capture_output=True, text=True, timeout=120)
