@@ -295,8 +295,8 @@ def test_a_huge_png_is_reduced_early_with_our_warning(tmp_path, pair):
     assert r["warnings"] == [["LlavaGgufWarning", f"{bomb} is 12000x12000 pixels (144 megapixels, above Pillow's "
                               "89-megapixel decompression-bomb warning limit): it is decoded and reduced to 2400x2400 "
                               "(scale it down first to save memory and time)"]]
-    # measured: 1399 MiB before (full-size copies: exif_transpose, RGB, tobytes, hash), ~300 MiB after
-    assert r["rss_mib"] < 800, r
+    # memory is measured in bench/image_memory.py (docs/benchmarks.md), not asserted here: 1399 MiB before
+    # (full-size copies: exif_transpose, RGB, tobytes, hash), ~300 MiB after
     # the CLI: the warning once (the image is loaded twice: checked before the model loads, then asked about)
     c = run_cli("chat", str(pair[0]), "--mmproj", str(pair[1]), "--image", str(bomb), "--prompt", "Hi?",
                 "--max-tokens", "2")
