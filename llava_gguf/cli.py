@@ -284,10 +284,10 @@ def chat(
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="the mmproj .gguf"),
     # ranges are checked by the library (sampling_settings), so the CLI and the API say the same thing
     temp: float = typer.Option(0.2, "--temp", help="sampling temperature (0 = greedy)"),
-    top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling, in (0, 1]"),
+    top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling, 0 to 1 (0: the most likely token)"),
     top_k: int = typer.Option(40, "--top-k", help="0: all tokens"),
     repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", help="greater than 0 (1: none)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="0 to 4294967294 (default or -1: random)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="0 to 4294967294 (default, -1 or 4294967295: random)"),
     max_tokens: int = typer.Option(256, "--max-tokens", help="at least 1"),
     n_ctx: Optional[int] = typer.Option(None, "--ctx", "--n-ctx", min=64, help="context size (default: fits the image)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),

@@ -18,6 +18,9 @@ FEATURE_LAYER_KEY = "clip.vision.feature_layer"
 LLAVA_GRAPH_PROJECTORS = ("mlp", "mlp_norm", "ldp", "ldpv2")
 _LONG_ARRAY = 16  # arrays longer than this (token lists, scores) are summarised in the metadata
 
+# llama.cpp's LLAMA_MAX_LAYERS (src/llama-hparams.h): load_hparams asserts block_count is 1..512 (an abort)
+LLAMA_MAX_LAYERS = 512
+
 
 # ------------------------------------------------------------------------------------------ metadata
 def read_metadata(reader) -> dict:
@@ -387,8 +390,8 @@ def llm_defects(layout: GGUFLayout, meta: dict, arch: str) -> list[Defect]:
     out = keys.defects()
 
     bad: list[str] = []
-    if isinstance(n_layer, int) and not 0 < n_layer <= 512:
-        bad.append(f"block_count is {n_layer} (llama.cpp aborts outside 1..512)")
+    if isinstance(n_layer, int) and not 0 < n_layer <= LLAMA_MAX_LAYERS:
+        bad.append(f"block_count is {n_layer} (llama.cpp aborts outside 1..{LLAMA_MAX_LAYERS})")
     bad += _abort_hparams(n_layer, n_nextn, n_expert, n_used, n_groups, n_group_used, rope_scaling)
     for name, value in (("context_length", n_ctx), ("embedding_length", n_embd)):
         if isinstance(value, int) and value <= 0:
@@ -414,7 +417,7 @@ def llm_defects(layout: GGUFLayout, meta: dict, arch: str) -> list[Defect]:
     if bad:
         out.append(Defect("hparam-invalid", "; ".join(bad[:4]) + ": llama.cpp refuses to load the model or aborts",
                           False))
-    if not llama or n_expert or not (_positive(n_embd) and _positive(n_head) and _positive(n_layer, 512)
+    if not llama or n_expert or not (_positive(n_embd) and _positive(n_head) and _positive(n_layer, LLAMA_MAX_LAYERS)
                                      and _positive(n_vocab)) or bad:
         return out
     hk = head_k if _positive(head_k) else n_embd // n_head
@@ -527,14 +530,15 @@ def gguf_defects(layout: GGUFLayout, reader) -> list[Defect]:
     return defects + llm_defects(layout, meta, arch) + vocab_defects(layout, reader)
 
 
-def require_loadable(path: Path | str, what: str):
+def require_loadable(path: Path | str, what: str, walked: tuple[GGUFLayout, object] | None = None):
     """The gguf-py reader (key-value section only) of a GGUF file llama.cpp or libmtmd can load, or a
     one-line error naming the first defect that makes it refuse or abort: run before a file is handed
-    to llama.cpp (the runtime's lc.Llama and mtmd_init_from_file, quantize's llama_model_quantize)."""
+    to llama.cpp (the runtime's lc.Llama and mtmd_init_from_file, quantize's llama_model_quantize).
+    `walked`: the file's (layout, key-value reader) when the caller has walked it already."""
     path = Path(path)
-    if not path.exists():
+    if walked is None and not path.exists():
         raise LlavaGgufError(f"{what} {path} does not exist")
-    layout, reader = read_gguf_layout(path)
+    layout, reader = walked if walked is not None else read_gguf_layout(path)
     fatal = [d for d in gguf_defects(layout, reader) if d.code not in LOADS_ANYWAY]
     if fatal:
         more = f" (and {len(fatal) - 1} more)" if len(fatal) > 1 else ""

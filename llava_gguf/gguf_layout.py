@@ -351,12 +351,13 @@ def _kv_reader(f, path: Path):
                              "convert the model again") from None
 
 
-def check_loadable(path: Path) -> GGUFLayout:
-    """The layout of a GGUF file that llama.cpp's own reader would accept (structure and data section), or
-    a one-line error naming what is wrong: what every command checks before gguf-py or llama.cpp sees it."""
-    layout, _ = read_gguf_layout(path, kv=False)
+def check_loadable(path: Path, *, kv: bool = False) -> tuple[GGUFLayout, "object"]:
+    """(layout, gguf-py reader of the key-value section, or None without `kv`) of a GGUF file that
+    llama.cpp's own reader would accept (structure and data section), or a one-line error naming what is
+    wrong: what every command checks before gguf-py or llama.cpp sees it."""
+    layout, reader = read_gguf_layout(path, kv=kv)
     bad = layout_defects(layout)
     if bad:
         raise LlavaGgufError(f"{path} cannot be loaded: {bad[0].message}",
                              "`llava-gguf inspect` lists every defect; fetch or convert the file again")
-    return layout
+    return layout, reader

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LlavaGgufError
+from ..gguf_checks import LLAMA_MAX_LAYERS  # more layers would convert, then abort llama.cpp's load
 
 # transformers LlamaConfig / MistralConfig defaults
 TEXT_DEFAULTS: dict[str, dict] = {
@@ -106,11 +107,6 @@ ROPE_TYPES = {"rope_type": STRING.or_null(), "type": STRING.or_null(), "factor":
 VISION_TYPES = {"hidden_size": COUNT, "intermediate_size": COUNT, "num_hidden_layers": COUNT,
                 "num_attention_heads": COUNT, "num_channels": COUNT, "image_size": COUNT, "patch_size": COUNT,
                 "hidden_act": STRING, "layer_norm_eps": POSITIVE}
-
-# llama.cpp's LLAMA_MAX_LAYERS (src/llama-hparams.h): a model with more layers converts, then fails a
-# GGML_ASSERT (an abort) when llama.cpp loads it
-LLAMA_MAX_LAYERS = 512
-
 
 def check_text_types(text: dict, where: str = "text_config.", file: str = "config.json") -> None:
     check_types(text, TEXT_TYPES, where, file)

@@ -9,7 +9,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,40 +126,48 @@ class GGUFKind:
     type: str  # the file's type in llama.cpp's spelling, e.g. F16, Q8_0 ("?" when not recorded)
     quantized: bool
     info: GGUFInfo  # width, template, image tokens: what the runtime reads
+    # the file as walked (gguf_layout) and its key-value section (gguf-py): what the load checks read again
+    layout: object = field(default=None, repr=False, compare=False)
+    reader: object = field(default=None, repr=False, compare=False)
 
 
 def classify(path: Path | str) -> GGUFKind:
     """What a GGUF file is, for quantizing: a LLaVA language model or an mmproj; anything else is refused."""
     from ..gguf_checks import field_value
-    from ..runtime.model import open_gguf, read_gguf_info
+    from ..gguf_layout import check_loadable
+    from ..runtime.model import read_gguf_info
 
     path = Path(path)
-    r = open_gguf(path, "source")  # existence and readability, with our one-line errors
+    if not path.exists():
+        raise LlavaGgufError(f"source {path} does not exist")
+    # walked as gguf.cpp reads it (one-line errors for a cut or corrupt file); only the key-value section
+    # goes through gguf-py: the tensors' types and shapes are the walk's
+    layout, r = check_loadable(path, kv=True)
     info = read_gguf_info(path, "source", reader=r)
 
-    def field(key: str):  # a string that is not UTF-8 is decoded with replacement (gguf-py would raise)
+    def value(key: str):  # a string that is not UTF-8 is decoded with replacement (gguf-py would raise)
         return field_value(r, key)
 
-    arch = field("general.architecture") or "?"
-    if (field("split.count") or 1) > 1:
+    arch = value("general.architecture") or "?"
+    if (value("split.count") or 1) > 1:
         raise LlavaGgufError(f"{path} is one shard of a split GGUF",
                              "merge it first (llama.cpp's gguf-split --merge), then quantize the single file")
-    matrix_types = {int(t.tensor_type) for t in r.tensors if len([d for d in t.shape if d > 1]) >= 2}
+    matrix_types = {t.type_id for t in layout.tensors if len([d for d in t.ne if d > 1]) >= 2}
     quantized = any(t not in _FLOAT_GGML_TYPES for t in matrix_types)
-    ftype = field("general.file_type")
+    ftype = value("general.file_type")
     names = {t.ftype: t.name for t in QUANT_TYPES if t.name not in _ALIASES}
     type_name = names.get(int(ftype), "?") if ftype is not None else (
         _FLOAT_GGML_TYPES.get(next(iter(matrix_types)), "?") if len(matrix_types) == 1 else "?")
     if arch == "clip":
-        if not field("clip.has_vision_encoder") or field("clip.projector_type") is None and not field("clip.has_llava_projector"):
+        if not value("clip.has_vision_encoder") or value("clip.projector_type") is None and not value("clip.has_llava_projector"):
             raise LlavaGgufError(f"{path} is a CLIP file without a vision encoder and projector, not an mmproj")
-        return GGUFKind(path, "mmproj", arch, type_name, quantized, info)
-    if (field("general.type") or "model") != "model" or field("tokenizer.ggml.model") is None \
-            or field(f"{arch}.block_count") is None or field(f"{arch}.embedding_length") is None:
-        what = field("general.type") or ("an importance matrix" if "imatrix.datasets" in r.fields else arch)
+        return GGUFKind(path, "mmproj", arch, type_name, quantized, info, layout, r)
+    if (value("general.type") or "model") != "model" or value("tokenizer.ggml.model") is None \
+            or value(f"{arch}.block_count") is None or value(f"{arch}.embedding_length") is None:
+        what = value("general.type") or ("an importance matrix" if "imatrix.datasets" in r.fields else arch)
         raise LlavaGgufError(f"{path} is neither a LLaVA language model nor an mmproj ({what})",
                              "give the LLM or mmproj .gguf that `llava-gguf convert` wrote")
-    return GGUFKind(path, "llm", arch, type_name, quantized, info)
+    return GGUFKind(path, "llm", arch, type_name, quantized, info, layout, r)
 
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor name)
@@ -288,7 +296,7 @@ class _Job:
         kind = classify(src)
         # llama.cpp's quantizer loads the source as the runtime does (an invalid hparam aborts the process,
         # a bad vocabulary would be copied on): what would stop llama.cpp is refused here, with one line
-        reader = require_loadable(src, "source")
+        reader = require_loadable(src, "source", walked=(kind.layout, kind.reader))
         if kind.kind == "llm":  # llama.cpp does not read the template; our chat refuses it: say so now
             from ..gguf_checks import chat_template_defects
 

@@ -192,7 +192,7 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
         raise LlavaGgufError(f"{model} is an mmproj file; an importance matrix is computed on the language model")
     if kind.quantized:
         raise LlavaGgufError(f"{model} is already quantized ({kind.type})", "compute the importance matrix on the F16 file")
-    require_loadable(model, "model")  # llama.cpp aborts on some defects (a block count of 0, duplicate tokens)
+    require_loadable(model, "model", walked=(kind.layout, kind.reader))  # llama.cpp aborts on some defects (a block count of 0, duplicate tokens)
     text = Path(text) if text is not None else builtin_calibration_text()
     if not text.is_file():
         raise LlavaGgufError(f"calibration text {text} does not exist")
@@ -287,7 +287,7 @@ def _image_calibration(info, images: Path | str, mmproj: Path | str | None, voca
     mm_kind = classify(mm)
     if mm_kind.kind != "mmproj":
         raise LlavaGgufError(f"--mmproj {mm} is a language model, not an mmproj file")
-    require_loadable(mm, "--mmproj")
+    require_loadable(mm, "--mmproj", walked=(mm_kind.layout, mm_kind.reader))
     mm_info = mm_kind.info
     if getattr(mm_info, "pinpoints", None):
         raise LlavaGgufError("--images is not supported for LLaVA-1.6 (anyres) models yet: llama-imatrix would "

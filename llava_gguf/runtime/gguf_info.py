@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LlavaGgufError
+from ..gguf_checks import LLAMA_MAX_LAYERS
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,6 @@ class GGUFInfo:
     sliding_window: int | None = None
 
 
-_MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp refuses more (and a hostile count must not size a tuple)
-
-
 def open_gguf(path: Path, what: str):
     """A gguf-py reader for `path`, or a one-line error naming `what` is missing or unreadable."""
     import gguf
@@ -42,7 +40,7 @@ def open_gguf(path: Path, what: str):
         raise LlavaGgufError(f"{what} {path} does not exist")
     # gguf-py trusts the counts it reads (a hostile array length loops for minutes, a cut file reads past
     # its end) and raises any exception type: the file's structure is walked and checked first
-    check_loadable(path)
+    check_loadable(path)  # (gguf-py then reads the whole file: the runtime needs tensor data, e.g. image_newline)
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - gguf-py on a file the walk accepted: still one line, never a traceback
@@ -73,7 +71,7 @@ def read_gguf_info(path: Path, what: str, reader=None) -> GGUFInfo:
     n_head_kv = None  # a value that makes no sense (a damaged file) leaves the memory check out
     if isinstance(kv, list) and kv and all(_positive(v) or v == 0 for v in kv):
         n_head_kv = tuple(int(v) for v in kv)
-    elif _positive(kv) and n_layer and n_layer <= _MAX_LAYERS:
+    elif _positive(kv) and n_layer and n_layer <= LLAMA_MAX_LAYERS:  # a hostile count must not size a tuple
         n_head_kv = (int(kv),) * n_layer
     return GGUFInfo(path, arch, int(field(f"{arch}.embedding_length") or 0), field("tokenizer.chat_template"),
                     field(f"{arch}.context_length"), None, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
