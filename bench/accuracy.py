@@ -3,7 +3,7 @@ scenes: 2,500 questions) through transformers (fp32) and through our GGUF files:
 Q4_K_M language models (F16 mmproj, F32 with the F32 one), and Q8_0 with a Q8_0 mmproj. Per file type:
 accuracy, agreement with the transformers answers, accuracy per question kind, file sizes.
 
-    .venv/bin/python bench/accuracy.py [--model DIR] [--scenes N] [--no-doc]
+    .venv/bin/python -m bench.accuracy [--model DIR] [--scenes N] [--no-doc]
 
 writes its table into docs/benchmarks.md.
 """
@@ -11,24 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import update_doc  # noqa: E402
+from bench.common import BENCHMARKS_DOC, update_doc
+from llava_gguf import LLaVA
+from llava_gguf.convert import convert_checkpoint
+from llava_gguf.demo import shapes
+from llava_gguf.demo.run import SHIPPED_MODEL
+from llava_gguf.quantize import quantize_gguf
 
 
 def main() -> None:
-    from llava_gguf import shapes
-    from llava_gguf.convert import convert_checkpoint
-    from llava_gguf.demo import SHIPPED_MODEL
-    from llava_gguf.quantize import quantize_gguf
-    from llava_gguf.runtime.model import LLaVA
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     ap.add_argument("--scenes", type=int, default=shapes.TEST_SCENES)
@@ -37,6 +32,7 @@ def main() -> None:
     pairs = shapes.test_split(args.scenes)
     print(f"{len(pairs)} questions", flush=True)
 
+    # heavy (seconds to import): after the arguments are parsed
     import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -83,9 +79,9 @@ def main() -> None:
             f"README.md) on the test split: every question of the first {args.scenes} test scenes "
             f"({len(pairs)} questions, scenes the model never saw), greedy. Agreement: the same normalised "
             f"answer as transformers' (fp32, same prompt and pixels). {os.cpu_count()} cores, 2 threads.\n\n"
-            f"{table}\n\nCommand: `python bench/accuracy.py` ({time.strftime('%Y-%m-%d')})")
+            f"{table}\n\nCommand: `python -m bench.accuracy` ({time.strftime('%Y-%m-%d')})")
     if not args.no_doc:
-        update_doc(ROOT / "docs" / "benchmarks.md", "accuracy", "Accuracy of the shipped model (demo, quantization)",
+        update_doc(BENCHMARKS_DOC, "accuracy", "Accuracy of the shipped model (demo, quantization)",
                    body)
 
 

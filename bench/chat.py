@@ -11,7 +11,7 @@ files, image (336x336), prompt, greedy sampling and answer length:
   - llama-mtmd-cli: one turn (it has no scripted follow-up); its own perf counters give load, prompt and
     generation figures.
 
-    .venv/bin/python bench/chat.py [--workdir DIR] [--tokens N]
+    .venv/bin/python -m bench.chat [--workdir DIR] [--tokens N]
 
 writes its table into docs/benchmarks.md.
 """
@@ -27,10 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import free_gb, peak_rss_run, update_doc
+from bench.convert import build_checkpoint
+from devkit.tiny import sample_image
+from llava_gguf.native import library as native
 
-from bench.common import free_gb, peak_rss_run, update_doc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = "What is in the image?"
 FOLLOW_UP = "And which colours are there?"
@@ -38,7 +40,6 @@ FOLLOW_UP = "And which colours are there?"
 OURS = r"""
 import json, sys, time
 t0 = time.perf_counter()
-import llama_cpp
 from llava_gguf import LLaVA
 llm, mmproj, image, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 m = LLaVA(llm, mmproj, n_threads=2, n_ctx=2048)
@@ -46,15 +47,15 @@ load = time.perf_counter() - t0
 s = m.chat()
 out = {"load": load}
 for key, question, imgs in (("first", %r, [image]), ("follow", %r, [])):
-    llama_cpp.llama_perf_context_reset(m.llm._ctx.ctx)
+    m.engine.ctx.perf_reset()
     t = time.perf_counter()
     n = 0
     for piece in s.ask(question, imgs, stream=True, temperature=0, max_tokens=tokens, repeat_penalty=1.0):
         n += 1
     st = m.last
-    perf = llama_cpp.llama_perf_context(m.llm._ctx.ctx)
+    perf = m.engine.ctx.perf()
     out[key] = {"ttft": st.first_token_seconds, "tok_s": st.generation_tokens_per_second,
-                "tok_s_counter": perf.n_eval / (perf.t_eval_ms / 1000) if perf.t_eval_ms else 0.0,
+                "tok_s_counter": perf.eval_tokens_per_second,
                 "generated": st.generated_tokens, "evaluated": st.evaluated_tokens,
                 "images_encoded": st.images_encoded, "total": time.perf_counter() - t}
 print(json.dumps(out))
@@ -62,8 +63,9 @@ print(json.dumps(out))
 
 STOCK = r"""
 import base64, json, sys, time
-from llava_gguf.runtime import native
-native.configure()
+from llava_gguf.native import library
+from llava_gguf.native.llama import stock_perf
+library.configure()
 t0 = time.perf_counter()
 import llama_cpp
 from llama_cpp.llama_chat_format import Llava15ChatHandler
@@ -76,7 +78,7 @@ messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"ur
                                          {"type": "text", "text": %r}]}]
 out = {"load": load}
 for key in ("first", "follow"):
-    llama_cpp.llama_perf_context_reset(model._ctx.ctx)
+    stock_perf(model, reset=True)
     t = time.perf_counter()
     first, n, text = None, 0, ""
     # random weights: keep it from ending at once (end-of-sequence banned), like --ignore-eos for the CLI
@@ -90,9 +92,9 @@ for key in ("first", "follow"):
                 first = time.perf_counter()
     end = time.perf_counter()
     first = first or end
-    perf = llama_cpp.llama_perf_context(model._ctx.ctx)
+    perf = stock_perf(model)
     out[key] = {"ttft": first - t, "tok_s": (n - 1) / (end - first) if n > 1 else 0.0, "generated": n, "total": end - t,
-                "tok_s_counter": perf.n_eval / (perf.t_eval_ms / 1000) if perf.t_eval_ms else 0.0}
+                "tok_s_counter": perf.eval_tokens_per_second}
     messages += [{"role": "assistant", "content": text}, {"role": "user", "content": %r}]
 print(json.dumps(out))
 """ % (PROMPT, FOLLOW_UP)
@@ -152,8 +154,6 @@ def main() -> None:
     mmproj = args.workdir / "f16" / "mmproj-llava-1.5-7b-geometry-F16.gguf"
     q4 = args.workdir / "f16" / "llava-1.5-7b-geometry-Q4_K_M.gguf"
     if not f16.is_file():
-        from bench.convert import build_checkpoint
-
         args.workdir.mkdir(parents=True, exist_ok=True)
         if free_gb(args.workdir) < 35:
             sys.exit("need ~35 GB free to build the 7B-geometry checkpoint and its F16 GGUF")
@@ -163,9 +163,6 @@ def main() -> None:
     if not q4.is_file():
         subprocess.run([sys.executable, "-m", "llava_gguf", "quantize", str(f16), "--type", "Q4_K_M", "--threads", "2"],
                        check=True)
-    from llava_gguf.runtime import native
-    from llava_gguf.tiny import sample_image
-
     image = args.workdir / "bench-image.png"
     sample_image(336, seed=7).save(image)
     tool = native.configure().tools_dir / "llama-mtmd-cli"
@@ -206,7 +203,7 @@ def main() -> None:
             f"itself), and from llama.cpp's own eval counter (`llama_perf_context`: time in single-token decodes), "
             f"the same counter in all three, which is the like-for-like figure; \"vs native\" compares that one. The stock handler runs on our libraries "
             f"(it loads libmtmd from MTMD_CPP_LIB), so its image features are correct here too; its speed is what "
-            f"matters.\n\nCommand: `python bench/chat.py` ({time.strftime('%Y-%m-%d')})")
+            f"matters.\n\nCommand: `python -m bench.chat` ({time.strftime('%Y-%m-%d')})")
     if not args.no_doc:
         update_doc(ROOT / "docs" / "benchmarks.md", "chat", "Chat (chat, Python API)", body)
     print(table)

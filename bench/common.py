@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: peak RSS of a child, free disk, docs/benchmarks.md sections."""
+"""Helpers shared by the benchmarks (`python -m bench.X` from the repository root): peak RSS of a child,
+free disk, sections of docs/benchmarks.md."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_DOC = ROOT / "docs" / "benchmarks.md"  # every benchmark's table but fidelity's
 
 
 def free_gb(path: Path) -> float:

@@ -11,27 +11,27 @@ read from memory and differ only in what they compute and write; each run's writ
 inside its time. With --runs N the runs go round-robin (copy, ours, llama.cpp, copy, ...) and the
 best of each is reported.
 
-    .venv/bin/python bench/convert.py [--workdir DIR] [--runs N]
+    .venv/bin/python -m bench.convert [--workdir DIR] [--runs N]
 
 writes its table into docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import free_gb, peak_rss_run, update_doc  # noqa: E402
-from llava_gguf.reference import llama_cpp_converter  # noqa: E402
+from bench.common import BENCHMARKS_DOC, free_gb, peak_rss_run, update_doc
+from devkit.llama_cpp import llama_cpp_converter
+from devkit.tokenizer_files import write_tokenizer
 
 # llava-hf/llava-1.5-7b-hf geometry
 TEXT = dict(hidden=4096, ff=11008, layers=32, heads=32, vocab=32064)
@@ -102,9 +102,6 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], po
 def english_corpus(limit: int = 6_000_000) -> list[str]:
     """English prose for the checkpoint's tokenizer: the docstrings of Python's standard library (no
     download needed), so that prompts take about as many tokens as with LLaMA's own tokenizer."""
-    import ast
-    import sysconfig
-
     lines, total = [], 0
     for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
         if "test" in f.parts or "site-packages" in f.parts:
@@ -129,8 +126,6 @@ def english_corpus(limit: int = 6_000_000) -> list[str]:
 def build_checkpoint(dest: Path) -> Path:
     if (dest / "config.json").is_file():
         return dest
-    from llava_gguf.tiny import write_tokenizer
-
     tmp = dest.with_name(dest.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -231,7 +226,7 @@ def main() -> None:
         rows.append(f"| {label} | {wall:.1f} s | {cpu:.1f} s | {rss / 1024:.0f} MB | {written / 1e9:.1f} GB | "
                     f"{wall / copy:.2f}x | {wall / theirs:.2f}x |")
     table = "\n".join(rows)
-    cmd = "python bench/convert.py" + (f" --runs {args.runs}" if args.runs != 2 else "")
+    cmd = "python -m bench.convert" + (f" --runs {args.runs}" if args.runs != 2 else "")
     body = (f"LLaVA-1.5-7B geometry, random f16 weights, {size / 1e9:.1f} GB in 3 shards; {os.cpu_count()} cores; "
             f"warm page cache (checkpoint read once before each run), writes flushed inside each run's time; "
             f"best of {args.runs} round-robin runs (peak RSS: the highest seen).\n\n{table}\n\n"
@@ -245,7 +240,7 @@ def main() -> None:
             f"keeps each one's best.\n\n"
             f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')})")
     if not args.no_doc:
-        update_doc(ROOT / "docs" / "benchmarks.md", "convert", "Conversion (convert)", body)
+        update_doc(BENCHMARKS_DOC, "convert", "Conversion (convert)", body)
     print(table)
 
 

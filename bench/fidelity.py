@@ -1,9 +1,9 @@
 """Fidelity table: every family and layout the converter takes x output type -> image-embedding cosine,
 next-token KL, top-1 agreement and identical greedy answers against transformers, measured by
 `llava-gguf verify` (the CLI, one process per row) on tiny random checkpoints built here in each family's
-real key layout (llava_gguf.tiny). One row also runs the stock, unpatched libmtmd.
+real key layout (devkit.tiny). One row also runs the stock, unpatched libmtmd.
 
-    .venv/bin/python bench/fidelity.py [--no-doc]
+    .venv/bin/python -m bench.fidelity [--no-doc]
 
 writes its table into docs/fidelity.md.
 """
@@ -19,10 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import update_doc  # noqa: E402
+from bench.common import ROOT, update_doc
+from devkit.tiny import TinySpec, make_tiny_liuhaotian, make_tiny_llava
+from llava_gguf.demo.run import SHIPPED_MODEL
 
 OUTTYPES = ("f32", "f16", "q8_0", "Q4_K_M")
 
@@ -34,9 +33,6 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def fixtures(work: Path) -> list[tuple[str, Path, list[str]]]:
     """(description, checkpoint, extra convert/verify arguments)."""
-    from llava_gguf.demo import SHIPPED_MODEL
-    from llava_gguf.tiny import TinySpec, make_tiny_liuhaotian, make_tiny_llava
-
     out = [("shapes-llava (trained, shipped), llava-hf transformers-5", SHIPPED_MODEL, [])]
     for layout in ("transformers<4.52", "transformers-4.52", "transformers-5"):
         spec = replace(TinySpec(), layout=layout, dtype="float16")
@@ -111,7 +107,7 @@ def main() -> None:
             "is in docs/benchmarks.md (2,500 test questions). The stock row is the same F32 files through the unpatched libmtmd\n"
             "(upstream #25814), i.e. what other llama.cpp-based apps compute from them.\n\n"
             + "\n".join(lines)
-            + f"\n\n{len(rows)} rows in {minutes:.1f} min on 2 cores. Command: `.venv/bin/python bench/fidelity.py`")
+            + f"\n\n{len(rows)} rows in {minutes:.1f} min on 2 cores. Command: `.venv/bin/python -m bench.fidelity`")
     print(body)
     if not args.no_doc:
         doc = ROOT / "docs" / "fidelity.md"

@@ -3,21 +3,23 @@ libmtmd: ours (llava_gguf.runtime.images.load_image + content_hash: reduced earl
 the anchor, what llama-cpp-python's Llava15ChatHandler does with an image (PIL open, convert("RGB"),
 the full-size pixels), side by side in one run, each in its own child process.
 
-    python bench/image_memory.py            # writes its table into docs/benchmarks.md
+    python -m bench.image_memory [--no-doc]   # writes its table into docs/benchmarks.md
 
 Inputs are made in a temporary directory outside the repository and removed: the 17 KB 12000x12000 PNG
 that outside testing sent (issue 23, item 12), a 9000x5000 JPEG photo-like gradient, a 4032x3024 JPEG
 (a 12-megapixel phone photo, which must reach the model untouched)."""
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+from PIL import Image
 
-from bench.common import peak_rss_run, update_doc  # noqa: E402
+from bench.common import BENCHMARKS_DOC, peak_rss_run, update_doc
 
 OURS = ("import sys, warnings; warnings.simplefilter('ignore'); "
         "from llava_gguf.runtime.images import content_hash, load_image; "
@@ -27,9 +29,6 @@ ANCHOR = ("import sys, warnings, hashlib; warnings.simplefilter('ignore'); from 
 
 
 def _inputs(d: Path) -> list[tuple[str, Path]]:
-    import numpy as np
-    from PIL import Image
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         Image.new("1", (12000, 12000), 0).save(d / "bomb.png", optimize=True)
@@ -44,6 +43,9 @@ def _inputs(d: Path) -> list[tuple[str, Path]]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-doc", action="store_true", help="print the table only")
+    args = ap.parse_args()
     rows = ["| image | anchor: PIL convert(\"RGB\") | ours: load_image | RSS ratio | wall ratio |",
             "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="llava-gguf-bench-") as tmp:
@@ -58,9 +60,11 @@ def main() -> None:
     body = ("\n".join(rows) + "\n\nPeak RSS (GNU time, the whole child process including the interpreter) and wall "
             "time of one image. Ours reduces an image with a side of 4096 px or more by a whole factor before any "
             "full-size copy (JPEG: decoded at 1/2-1/8 scale), keeping >= 2048 px; the 12-megapixel photo is not "
-            "reduced (same pixels as the anchor's).\n\n    python bench/image_memory.py\n")
-    update_doc(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", "image-memory",
-               "Large images (load_image)", body)
+            "reduced (same pixels as the anchor's).\n\n    python -m bench.image_memory\n")
+    if args.no_doc:
+        print(body)
+    else:
+        update_doc(BENCHMARKS_DOC, "image-memory", "Large images (load_image)", body)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ repository), converts it once to an F16 GGUF with `llava-gguf convert`, then tim
 Wall time, CPU time and peak RSS (GNU time's %M) for each; the two outputs are checked to be
 byte-identical, then deleted. The F16 source is read once before each run (warm page cache).
 
-    .venv/bin/python bench/quantize.py [--workdir DIR] [--runs N] [--type Q4_K_M] [--threads 2]
+    .venv/bin/python -m bench.quantize [--workdir DIR] [--runs N] [--type Q4_K_M] [--threads 2]
 
 writes its table into docs/benchmarks.md.
 """
@@ -17,15 +17,14 @@ import argparse
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import free_gb, peak_rss_run, update_doc  # noqa: E402
-from bench.convert import build_checkpoint  # noqa: E402
+from bench.common import BENCHMARKS_DOC, free_gb, peak_rss_run, update_doc
+from bench.convert import build_checkpoint
+from llava_gguf.native import library as native
 
 
 def sha256(path: Path) -> str:
@@ -61,12 +60,8 @@ def main() -> None:
     if not f16.is_file():
         build_checkpoint(ckpt)
         print("converting to F16 ...", flush=True)
-        import subprocess
-
         subprocess.run([py, "-m", "llava_gguf", "convert", str(ckpt), "-o", str(f16_dir), "--outtype", "f16",
                         "--force"], check=True)
-    from llava_gguf.runtime import native
-
     tool = native.configure().tools_dir / "llama-quantize"
     out = args.workdir / "quantized"
     t = str(args.threads)
@@ -107,7 +102,7 @@ def main() -> None:
         rows.append(f"| {label} | {wall:.1f} s | {cpu:.1f} s | {rss / 1024:.0f} MB | {size / 1e9:.2f} GB | "
                     f"{wall / base_wall:.3f}x | {rss / base_rss:.2f}x |")
     table = "\n".join(rows)
-    cmd = "python bench/quantize.py" + (f" --runs {args.runs}" if args.runs != 1 else "")
+    cmd = "python -m bench.quantize" + (f" --runs {args.runs}" if args.runs != 1 else "")
     ours_wall = results[ours_label][0]
     body = (f"LLaVA-1.5-7B geometry (random weights), the F16 LLM that `llava-gguf convert` writes "
             f"({f16.stat().st_size / 1e9:.1f} GB) to {args.type} with {args.threads} threads; {os.cpu_count()} cores; "
@@ -121,7 +116,7 @@ def main() -> None:
             f"default is 8 GiB, so it converts all of token_embd to f32 at once) — the output is unchanged.\n\n"
             f"Command: `{cmd}` ({time.strftime('%Y-%m-%d')})")
     if not args.no_doc:
-        update_doc(ROOT / "docs" / "benchmarks.md", "quantize", "Quantization (quantize)", body)
+        update_doc(BENCHMARKS_DOC, "quantize", "Quantization (quantize)", body)
     print(table)
 
 

@@ -2,7 +2,7 @@
 from out/fuzz/base/checkpoint), opened as convert opens it (family, key layout, hyperparameters) and
 inspected (report rendered and serialised); the parsed JSON also goes to find_family and resolve_llava.
 
-    bin/fuzz config --minutes 5               # or: .venv/bin/python fuzz/fuzz_config.py FILE (reproduce)"""
+    bin/fuzz config --minutes 5               # or: .venv/bin/python -m fuzz.fuzz_config FILE (reproduce)"""
 from __future__ import annotations
 
 import json
@@ -13,16 +13,16 @@ from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fuzz.harness import ROOT, main, mixed_mutator, scratch_dir  # noqa: E402
-from fuzz.mutate import dumps, mutate_json  # noqa: E402
+from fuzz.harness import ROOT, main, mixed_mutator, scratch_dir
+from fuzz.mutate import dumps, mutate_json
 
 with atheris.instrument_imports(include=["llava_gguf"]):
+    from llava_gguf.checks.inspect import inspect_path
+    from llava_gguf.cli.render import inspect_lines as render
     from llava_gguf.convert import open_llava
-    from llava_gguf.convert.families import find_family
-    from llava_gguf.convert.hparams import resolve_llava
     from llava_gguf.errors import LlavaGgufError
-    from llava_gguf.inspection import inspect_path, render
+    from llava_gguf.families import find_family
+    from llava_gguf.families.hparams import resolve_llava
 
 BASE = Path(os.environ.get("LLAVA_GGUF_FUZZ_BASE", ROOT / "out" / "fuzz" / "base")) / "checkpoint"
 CKPT = scratch_dir()

@@ -1,28 +1,26 @@
-"""Fuzz GGUF reading as inspect, quantize and chat do it (gguf-py through our open_gguf): an input is a .gguf
+"""Fuzz GGUF reading as inspect, quantize and chat do it (our gguf.cpp-style header walk): an input is a .gguf
 file given to inspect_path (report rendered and serialised), quantize's classify and the runtime's
 read_gguf_info. Seeds are real conversions of tiny checkpoints; mutations aim at the header's length,
 count, type and offset fields. Native loading is fuzz_gguf_native.py.
 
-    bin/fuzz gguf --minutes 5                 # or: .venv/bin/python fuzz/fuzz_gguf.py FILE (reproduce)"""
+    bin/fuzz gguf --minutes 5                 # or: .venv/bin/python -m fuzz.fuzz_gguf FILE (reproduce)"""
 from __future__ import annotations
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fuzz.harness import main, mixed_mutator, scratch_dir  # noqa: E402
-from fuzz.mutate import apply, gguf_slots, random_steps  # noqa: E402
+from fuzz.harness import main, mixed_mutator, scratch_dir
+from fuzz.mutate import apply, gguf_slots, random_steps
 
 with atheris.instrument_imports(include=["llava_gguf", "gguf"]):
     import gguf  # noqa: F401  (imported lazily by llava_gguf: imported here so that it is instrumented)
+    from llava_gguf.checks.inspect import inspect_path
+    from llava_gguf.cli.render import inspect_lines as render
     from llava_gguf.errors import LlavaGgufError
-    from llava_gguf.inspection import inspect_path, render
-    from llava_gguf.quantize import classify
-    from llava_gguf.runtime.model import read_gguf_info
+    from llava_gguf.gguf.classify import classify
+    from llava_gguf.gguf.info import read_gguf_info
 
 FILE = scratch_dir() / "input.gguf"
 

@@ -4,7 +4,7 @@ input that caused it to the -artifact_prefix (bin/fuzz: out/fuzz/crashes/gguf-na
 starts it again for the rest of the time. An input that is an mmproj (it has clip.projector_type) is
 paired with the real LLM of out/fuzz/base/pair, anything else with its real mmproj.
 
-    bin/fuzz gguf-native --minutes 5          # or: .venv/bin/python fuzz/fuzz_gguf_native.py FILE (reproduce)"""
+    bin/fuzz gguf-native --minutes 5          # or: .venv/bin/python -m fuzz.fuzz_gguf_native FILE (reproduce)"""
 from __future__ import annotations
 
 import os
@@ -14,9 +14,8 @@ from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fuzz.harness import ROOT, main, mixed_mutator, scratch_dir  # noqa: E402
-from fuzz.mutate import apply, gguf_slots, random_steps  # noqa: E402
+from fuzz.harness import ROOT, main, mixed_mutator, scratch_dir
+from fuzz.mutate import apply, gguf_slots, random_steps
 
 with atheris.instrument_imports(include=["llava_gguf", "gguf"]):
     import gguf  # noqa: F401

@@ -3,19 +3,16 @@ when it starts with `data:`, a data: URI as given. Seeds: small PNG/JPEG/GIF/Web
 Pillow with alpha, palettes, animation, EXIF orientation, 16-bit and CMYK. Raw Pillow warnings are findings
 too (issue 23 item 12: the user gets our one-line warnings).
 
-    bin/fuzz image --minutes 5                # or: .venv/bin/python fuzz/fuzz_image.py FILE (reproduce)"""
+    bin/fuzz image --minutes 5                # or: .venv/bin/python -m fuzz.fuzz_image FILE (reproduce)"""
 from __future__ import annotations
 
 import base64
 import random
-import sys
-from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fuzz.harness import main, mixed_mutator  # noqa: E402
-from fuzz.mutate import apply, image_slots, random_steps  # noqa: E402
+from fuzz.harness import main, mixed_mutator
+from fuzz.mutate import apply, image_slots, random_steps
 
 with atheris.instrument_imports(include=["llava_gguf", "PIL"]):
     import PIL.BmpImagePlugin  # noqa: F401  (Pillow registers its plugins lazily: import the ones seeded)

@@ -1,19 +1,16 @@
 """Fuzz the safetensors header reader: an input is a `model.safetensors` in a checkpoint directory, read by
 read_checkpoint, and every small tensor it accepts is then read (an accepted header must be readable).
 
-    bin/fuzz safetensors --minutes 5          # or: .venv/bin/python fuzz/fuzz_safetensors.py FILE (reproduce)"""
+    bin/fuzz safetensors --minutes 5          # or: .venv/bin/python -m fuzz.fuzz_safetensors FILE (reproduce)"""
 from __future__ import annotations
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fuzz.harness import main, mixed_mutator, scratch_dir  # noqa: E402
-from fuzz.mutate import apply, dumps, mutate_json, random_steps, safetensors_slots  # noqa: E402
+from fuzz.harness import main, mixed_mutator, scratch_dir
+from fuzz.mutate import apply, dumps, mutate_json, random_steps, safetensors_slots
 
 with atheris.instrument_imports(include=["llava_gguf"]):
     from llava_gguf.convert.checkpoint import read_checkpoint

@@ -4,8 +4,8 @@ limit, with no warning other than ours), where findings go, and how libFuzzer is
 Fuzzing (bin/fuzz): a finding is recorded once per site — exception type and innermost frame in llava_gguf —
 as `<site>.bin` (the smallest input seen) and `<site>.txt` (its traceback) in $LLAVA_GGUF_FUZZ_FINDINGS, and
 the search goes on; native crashes, libFuzzer timeouts and out-of-memory stop the process, libFuzzer writes
-the input under -artifact_prefix, and bin/fuzz starts the target again. Reproducing (`python
-fuzz/fuzz_<target>.py FILE...`): the property's failure is raised with its traceback."""
+the input under -artifact_prefix, and bin/fuzz starts the target again. Reproducing (`python -m
+fuzz.fuzz_<target> FILE...` from the repository root): the property's failure is raised with its traceback."""
 from __future__ import annotations
 
 import hashlib
@@ -21,11 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 # bin/'s editable install imports llava_gguf through scikit-build's redirecting finder, a custom loader that
-# atheris does not instrument (no coverage, a blind search). The source tree, first on sys.path, holds the
-# same modules, and native.py finds the built libraries in site-packages either way.
+# atheris does not instrument (no coverage, a blind search). The source tree, first on sys.path (a harness
+# runs as `python -m fuzz.fuzz_<target>` from the repository root), holds the same modules, and the native
+# library finder locates the built libraries in site-packages either way.
 sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]
 
 TIME_LIMIT = 5.0  # seconds for one small input; libFuzzer's -timeout (bin/fuzz: 60) catches native hangs

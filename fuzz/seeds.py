@@ -1,7 +1,7 @@
 """Seed corpora from real files: tiny checkpoints saved by transformers, their conversions by our converter,
 safetensors files written by the safetensors library and images written by Pillow.
 
-    python fuzz/seeds.py OUTDIR     # OUTDIR/seeds/<target>/ and OUTDIR/base/ (files the harnesses read)
+    python -m fuzz.seeds OUTDIR     # OUTDIR/seeds/<target>/ and OUTDIR/base/ (files the harnesses read)
 
 bin/fuzz runs this once into out/fuzz/ (gitignored). The image and safetensors builders are also what the
 property tests mutate; they need neither torch nor a model."""
@@ -99,7 +99,7 @@ def build(outdir: Path) -> None:
     from dataclasses import replace
 
     from llava_gguf.convert import convert_checkpoint
-    from llava_gguf.tiny import TinySpec, make_tiny_liuhaotian, make_tiny_llava
+    from devkit.tiny import TinySpec, make_tiny_liuhaotian, make_tiny_llava
 
     outdir = Path(outdir)
     seeds = {t: outdir / "seeds" / t for t in TARGETS}
@@ -169,6 +169,5 @@ def build(outdir: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python fuzz/seeds.py OUTDIR")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        sys.exit("usage: python -m fuzz.seeds OUTDIR")
     build(Path(sys.argv[1]))

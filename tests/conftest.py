@@ -4,18 +4,13 @@ Everything is real: checkpoints are saved by transformers-built models, conversi
 and models load in llama.cpp through our native libraries."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from llava_gguf.tiny import TinySpec, make_tiny_llava
 
-_ckpts: dict[TinySpec, Path] = {}
+_ckpts: dict = {}  # TinySpec -> checkpoint
 _converted: dict[tuple, tuple[Path, Path]] = {}
 
 
@@ -27,6 +22,9 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(workdir):
     """tiny(**spec_fields) -> checkpoint dir, cached per spec."""
+
+    # imported here: devkit.tiny loads torch and transformers, which the unit tier never needs
+    from devkit.tiny import TinySpec, make_tiny_llava
 
     def make(**fields) -> Path:
         spec = replace(TinySpec(), **fields)
@@ -55,25 +53,3 @@ def converted(workdir):
     return conv
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real CLI in a child process."""
-    return subprocess.run([sys.executable, "-m", "llava_gguf", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def wait_for_temporaries(proc: subprocess.Popen, outdir: Path, *, count: int = 1, min_size: int = 1,
-                         timeout: float = 120) -> None:
-    """Wait until `proc` (a writing command) has `count` hidden temporaries in `outdir`, one of them at least
-    `min_size` bytes: the moment to kill, interrupt or race it. Fails if the run ends (or never writes) first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        temps = list(outdir.glob("*.partial")) if outdir.exists() else []
-        try:
-            if len(temps) >= count and any(t.stat().st_size >= min_size for t in temps):
-                return
-        except FileNotFoundError:  # a temporary renamed or removed meanwhile
-            pass
-        if proc.poll() is not None:
-            pytest.fail("the run ended before its temporaries were seen: " + proc.stderr.read())
-        time.sleep(0.005)
-    pytest.fail("the run never started writing")

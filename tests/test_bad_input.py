@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from support import assert_clean_failure, run_cli
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -24,17 +24,6 @@ def _edit_config(ckpt: Path, **changes) -> None:
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg.update(changes)
     (ckpt / "config.json").write_text(json.dumps(cfg))
-
-
-def assert_clean_failure(p: subprocess.CompletedProcess, outdir: Path, *words: str) -> None:
-    assert p.returncode != 0
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("error: "), p.stderr
-    assert "Traceback" not in p.stderr
-    for w in words:
-        assert w.lower() in lines[0].lower(), lines[0]
-    assert not outdir.exists() or not any(outdir.iterdir()), list(outdir.iterdir())
 
 
 @pytest.fixture()

@@ -11,10 +11,10 @@ import zlib
 
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from llava_gguf import LLaVA
-from llava_gguf.runtime import native
-from llava_gguf.tiny import sample_image
+from llava_gguf.native import library as native
+from devkit.tiny import sample_image
 
 PROMPT = "What is in the image?"
 # llava-hf's template for one user turn, in the form llama-mtmd-cli's --jinja takes (the marker it puts

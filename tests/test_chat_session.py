@@ -9,7 +9,7 @@ import pytest
 
 from llava_gguf import LLaVA, LlavaGgufError
 from llava_gguf.runtime.prompt import Message
-from llava_gguf.tiny import sample_image
+from devkit.tiny import sample_image
 
 GREEDY = dict(temperature=0, max_tokens=8)
 
@@ -62,7 +62,7 @@ def test_alternating_images_never_go_stale(pair):
         expected = []
         for im in imgs:
             ref.reset()
-            ref._embeddings.clear()
+            ref.engine.images.cache.clear()
             ref.eval_prompt("What is in the image?", [im])
             expected.append(ref.last_logits())
         assert not np.allclose(expected[0], expected[1])

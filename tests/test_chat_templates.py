@@ -7,10 +7,10 @@ import ctypes
 
 import pytest
 
-from llava_gguf.convert.families.llava15 import LLAVA_HF_TEMPLATE, VICUNA_TEMPLATE
+from llava_gguf.families.llava15 import LLAVA_HF_TEMPLATE, VICUNA_TEMPLATE
 from llava_gguf.convert.template import LAYOUT_MARKERS, PROBES, for_llama_cpp, llama_cpp_layout, render_probe
 from llava_gguf.runtime.prompt import Message, render
-from llava_gguf.tiny import CHATML_TEMPLATE, LLAMA3_TEMPLATE
+from devkit.tokenizer_files import CHATML_TEMPLATE, LLAMA3_TEMPLATE
 
 # llava-hf/llava-v1.6-mistral-7b-hf's template (Mistral's [INST] with <<SYS>>: llama.cpp's llama2-sys)
 MISTRAL_TEMPLATE = (
@@ -37,7 +37,7 @@ CONVERSATIONS = [
 
 def _llama_cpp_apply(template: str) -> str | None:
     """What llama.cpp's tools render without --jinja for a fixed chat (None: 'not supported')."""
-    from llava_gguf.runtime import native
+    from llava_gguf.native import library as native
 
     lc = native.llama_cpp()
     chat = [("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2")]
@@ -177,7 +177,7 @@ def test_runtime_renders_converted_files_as_before(tiny, converted):
 
 def test_named_templates_each_prepared():
     """tokenizer_config.json may hold a list of named templates: each is prepared on its own."""
-    from llava_gguf.convert.vocab import _templates_for_llama_cpp
+    from llava_gguf.convert.template import templates_for_llama_cpp as _templates_for_llama_cpp
 
     named = [{"name": "default", "template": LLAVA_HF_TEMPLATE}, {"name": "tool_use", "template": CHATML_TEMPLATE}]
     assert _templates_for_llama_cpp(named, VICUNA_TEMPLATE) == [{"name": "default", "template": ANNOTATED},
@@ -190,7 +190,7 @@ def test_convert_warns_about_a_template_llama_cpp_tools_reject(tiny, tmp_path):
 
     import gguf
 
-    from conftest import run_cli
+    from support import run_cli
 
     human = ("{% for m in messages %}{{ 'Human: ' if m['role'] == 'user' else 'Bot: ' }}{% for c in m['content'] %}"
              "{{ '<image>\n' if c['type'] == 'image' else c['text'] }}{% endfor %}\n{% endfor %}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from llava_gguf.convert.checkpoint import read_checkpoint
 from llava_gguf.errors import LlavaGgufError
 
@@ -137,7 +137,7 @@ def _error(fn, *args) -> str:
     ({"architectures": LLAVA, "text_config": {"model_type": 5}}, "config.json: text_config.model_type = 5 is not a string"),
 ])
 def test_find_family_refuses_wrong_types(config, message):
-    from llava_gguf.convert.families import find_family
+    from llava_gguf.families import find_family
 
     assert message in _error(find_family, config)
 
@@ -160,7 +160,7 @@ def test_find_family_refuses_wrong_types(config, message):
     ({"tie_word_embeddings": "false"}, 'text_config.tie_word_embeddings = "false" is not true or false'),
 ])
 def test_resolve_llava_refuses_wrong_text_types(text, message):
-    from llava_gguf.convert.hparams import resolve_llava
+    from llava_gguf.families.hparams import resolve_llava
 
     line = _error(resolve_llava, {"architectures": LLAVA, "text_config": text})
     assert line.startswith(f"config.json: {message}") and line.endswith("(the config is corrupt)"), line
@@ -176,13 +176,13 @@ def test_resolve_llava_refuses_wrong_text_types(text, message):
     ({"sliding_window": "4096"}, 'config.json: sliding_window = "4096" is not a positive integer'),
 ])
 def test_resolve_llava_refuses_wrong_root_and_vision_types(config, message):
-    from llava_gguf.convert.hparams import resolve_llava
+    from llava_gguf.families.hparams import resolve_llava
 
     assert message in _error(resolve_llava, {"architectures": LLAVA, **config})
 
 
 def test_resolve_llava_accepts_nulls_that_mean_the_default():
-    from llava_gguf.convert.hparams import resolve_llava
+    from llava_gguf.families.hparams import resolve_llava
 
     _, text, vision = resolve_llava({"architectures": LLAVA, "text_config": None, "vision_config": None})
     assert text["hidden_size"] == 4096 and vision["hidden_size"] == 1024
@@ -193,7 +193,7 @@ def test_resolve_llava_accepts_nulls_that_mean_the_default():
 
 
 def test_liuhaotian_config_names_its_top_level_keys():
-    from llava_gguf.convert.families.liuhaotian import llava_config
+    from llava_gguf.families.liuhaotian import llava_config
 
     clip = {"hidden_size": 64}
     assert "config.json: mm_projector_type = 5 is not a string" in _error(llava_config, {"mm_projector_type": 5},

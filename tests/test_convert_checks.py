@@ -11,10 +11,10 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from llava_gguf.convert import convert_checkpoint
 from llava_gguf.errors import LlavaGgufError
-from test_bad_input import assert_clean_failure
+from support import assert_clean_failure
 
 # tiny()'s default layout (transformers-5) stores these prefixes
 TEXT = "language_model.model."
@@ -125,7 +125,7 @@ def test_llama_cpp_ignores_the_key_for_its_llama_architecture(tiny, tmp_path):
     ordinary LLaMA, so recording the window changes nothing there."""
     import warnings
 
-    from llava_gguf.runtime.native import llama_cpp, quiet_logs
+    from llava_gguf.native.library import llama_cpp, quiet_logs
 
     ckpt = _copy(tiny(text_model="mistral"), tmp_path / "ckpt")
     _edit_text_config(ckpt, sliding_window=16)
@@ -231,8 +231,8 @@ def test_config_inconsistent_with_llama_cpp_is_refused(base, tmp_path, changes, 
 def test_one_element_feature_layer_list_is_that_layer(tiny, tmp_path, layer, index):
     """transformers concatenates the hidden states of the listed layers: one layer is that layer."""
     from llava_gguf import LLaVA
-    from llava_gguf.reference import image_features, load_hf_model, mean_cosine, pixel_values
-    from llava_gguf.tiny import sample_image
+    from llava_gguf.checks.reference import image_features, load_hf_model, mean_cosine, pixel_values
+    from devkit.tiny import sample_image
 
     ckpt = _copy(tiny(), tmp_path / "ckpt")
     cfg = json.loads((ckpt / "config.json").read_text())

@@ -8,7 +8,7 @@ import gguf
 import pytest
 
 from llava_gguf.convert import convert_checkpoint
-from llava_gguf.convert.families.llava15 import VICUNA_TEMPLATE
+from llava_gguf.families.llava15 import VICUNA_TEMPLATE
 from llava_gguf.errors import LlavaGgufError
 
 
@@ -76,7 +76,7 @@ def test_tied_embeddings_need_no_output_tensor(tiny, tmp_path):
     names = {t.name for t in gguf.GGUFReader(r.llm).tensors}
     assert "token_embd.weight" in names and "output.weight" not in names
     from llava_gguf import LLaVA
-    from llava_gguf.tiny import sample_image
+    from devkit.tiny import sample_image
 
     with LLaVA(r.llm, r.mmproj) as m:
         assert isinstance(m.generate_from_image(sample_image(112), "hi", temperature=0, max_tokens=3), str)

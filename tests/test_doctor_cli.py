@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from conftest import run_cli
-from llava_gguf.tiny import sample_image
+from llava_gguf.settings import LLAMA_CPP_PYTHON_VERSION
+from support import run_cli
+from devkit.tiny import sample_image
 
 
 def _last_json(stdout: str) -> dict:
@@ -20,7 +21,7 @@ def test_doctor_reports_our_fixed_libraries():
     assert p.returncode == 0, p.stderr
     report = _last_json(p.stdout)
     assert report["llava_fix"] is True
-    assert report["llama_cpp_python"] == "0.3.36"
+    assert report["llama_cpp_python"] == LLAMA_CPP_PYTHON_VERSION
     from pathlib import Path
 
     for key in ("llama_cpp_lib_path", "mtmd_lib_path"):
@@ -128,8 +129,8 @@ def test_demo_answers_questions_correctly(demo_cache):
 
 
 def test_demo_on_your_image_and_your_model(demo_cache, tiny, tmp_path, monkeypatch):
-    from llava_gguf import shapes
-    from llava_gguf.demo import run_demo
+    from llava_gguf.demo import shapes
+    from llava_gguf.demo.run import run_demo
     from llava_gguf.errors import LlavaGgufError
 
     img = tmp_path / "mine.png"
@@ -145,7 +146,7 @@ def test_demo_on_your_image_and_your_model(demo_cache, tiny, tmp_path, monkeypat
                        (["--model", str(tmp_path / "nowhere")], "nowhere")):
         p = run_cli("demo", *args, env=demo_cache)
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and says in p.stderr, p.stderr
-    monkeypatch.setattr("llava_gguf.demo.SHIPPED_MODEL", tmp_path / "gone")
+    monkeypatch.setattr("llava_gguf.demo.run.SHIPPED_MODEL", tmp_path / "gone")
     with pytest.raises(LlavaGgufError, match="shipped demo model is missing"):
         run_demo(None, None, None, echo=lambda s: None)
     # any checkpoint: one question, image features measured against the reference

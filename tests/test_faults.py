@@ -17,8 +17,8 @@ import pytest
 
 from llava_gguf.errors import LlavaGgufError
 
-from conftest import run_cli, wait_for_temporaries
-from test_outputs import legacy_mmproj, one_error_line
+from support import run_cli, wait_for_temporaries
+from support import legacy_mmproj, one_error_line
 
 
 def _mount_tmpfs(where: Path, *options: str) -> None:

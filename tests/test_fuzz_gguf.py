@@ -44,9 +44,10 @@ def gguf_bases(tiny, converted) -> dict[str, tuple[bytes, list, int]]:
 
 
 def _gguf_readers(path: Path, limit: float = 10.0):
-    from llava_gguf.inspection import inspect_path, render
-    from llava_gguf.quantize import classify
-    from llava_gguf.runtime.model import read_gguf_info
+    from llava_gguf.checks.inspect import inspect_path
+    from llava_gguf.cli.render import inspect_lines as render
+    from llava_gguf.gguf.classify import classify
+    from llava_gguf.gguf.info import read_gguf_info
 
     report = ends_well(inspect_path, path, limit=limit)
     if isinstance(report, dict):

@@ -146,7 +146,7 @@ def test_safetensors_mutated_real_files(st_dir, st_bases, base, data):
 
 
 # -------------------------------------------------------------------------------------- (b) config.json
-# FOUND (fixed in convert/families/__init__.py find_family, convert/hparams.py resolve_llava): a non-string
+# FOUND (fixed in families/__init__.py find_family, families/hparams.py resolve_llava): a non-string
 # architecture (`"architectures": [1]` or `true`) raises AttributeError (`a.endswith`); a list or object as
 # text_config.model_type raises TypeError (unhashable, `model_type not in TEXT_DEFAULTS`); rope_scaling /
 # rope_parameters that is a number or a list raises TypeError (`"rope_theta" in rope`, `rope["rope_theta"]`);
@@ -166,8 +166,8 @@ def test_safetensors_mutated_real_files(st_dir, st_bases, base, data):
                               | st.text(max_size=6), json_values, max_size=5))
 @fuzz_settings(200)
 def test_config_family_and_hparams_arbitrary_json(config):
-    from llava_gguf.convert.families import find_family
-    from llava_gguf.convert.hparams import resolve_llava
+    from llava_gguf.families import find_family
+    from llava_gguf.families.hparams import resolve_llava
 
     ends_well(find_family, config)
     ends_well(resolve_llava, config)
@@ -176,7 +176,7 @@ def test_config_family_and_hparams_arbitrary_json(config):
 @pytest.fixture(scope="module")
 def config_bases(tiny, scratch) -> dict[str, Path]:
     """Real checkpoints (llava-1.5, BakLLaVA's mistral, 1.6 anyres, liuhaotian with its CLIP beside it)."""
-    from llava_gguf.tiny import make_tiny_liuhaotian
+    from devkit.tiny import make_tiny_liuhaotian
 
     bases = {"llava15": tiny(), "mistral": tiny(text_model="mistral"), "anyres": tiny(anyres=True)}
     clip = scratch / "liuhaotian-clip"
@@ -197,7 +197,8 @@ def _with_config(base: Path, where: Path, config_text: bytes) -> Path:
 
 def _open_and_inspect(ckpt: Path):
     from llava_gguf.convert import open_llava
-    from llava_gguf.inspection import inspect_path, render
+    from llava_gguf.checks.inspect import inspect_path
+    from llava_gguf.cli.render import inspect_lines as render
 
     ends_well(open_llava, ckpt)
     report = ends_well(inspect_path, ckpt)

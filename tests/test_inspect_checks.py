@@ -17,10 +17,10 @@ import sys
 
 import gguf
 
-from conftest import run_cli
-from gguf_edit import rewrite_gguf as rewrite
+from support import run_cli
+from support import rewrite_gguf as rewrite
 from llava_gguf.errors import LlavaGgufError
-from llava_gguf.inspection import inspect_path
+from llava_gguf.checks.inspect import inspect_path
 
 
 def _json(p) -> dict:
@@ -76,7 +76,7 @@ def set_u32(src, dest, key: str, value: int, vtype: int = 4):
 def runs_in_runtime(llm, mmproj) -> bool:
     """Whether our real runtime (this llama.cpp's libmtmd) loads the pair and encodes an image, in a child
     process (files like these make ggml abort or segfault; that must not take the test down)."""
-    code = ("import sys; from llava_gguf import LLaVA; from llava_gguf.tiny import sample_image\n"
+    code = ("import sys; from llava_gguf import LLaVA; from llava_gguf.checks.samples import sample_image\n"
             "with LLaVA(sys.argv[1], sys.argv[2], n_threads=1) as m:\n    m.embed_image(sample_image(112))\n")
     p = subprocess.run([sys.executable, "-c", code, str(llm), str(mmproj)], capture_output=True, timeout=120)
     return p.returncode == 0
@@ -235,7 +235,7 @@ def test_hostile_counts_end_fast(tiny, converted, tmp_path):
 def test_random_mutations_end_in_a_report_or_one_line(tiny, converted, tmp_path):
     """A bounded sweep of byte mutations over a real mmproj's header (F's fuzzers go further): every one
     ends in a report (which renders and serialises) or our one-line error, never another exception."""
-    from llava_gguf.inspection import render
+    from llava_gguf.cli.render import inspect_lines as render
 
     _, mmproj = converted(tiny(), "f16")
     data = mmproj.read_bytes()

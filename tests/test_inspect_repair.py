@@ -8,11 +8,11 @@ import shutil
 
 import gguf
 
-from llava_gguf.reference import image_features, load_hf_model, mean_cosine, pixel_values
-from llava_gguf.tiny import sample_image
+from llava_gguf.checks.reference import image_features, load_hf_model, mean_cosine, pixel_values
+from devkit.tiny import sample_image
 
-from conftest import run_cli
-from gguf_edit import rewrite_gguf as rewrite
+from support import run_cli
+from support import rewrite_gguf as rewrite
 
 FEATURE = "clip.vision.feature_layer"
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
-from llava_gguf.reference import mean_cosine
-from llava_gguf.tiny import make_tiny_liuhaotian, sample_image
-from test_bad_input import assert_clean_failure
-from test_parity import hf_reference, ours
+from support import run_cli
+from llava_gguf.checks.reference import mean_cosine
+from devkit.tiny import make_tiny_liuhaotian, sample_image
+from support import assert_clean_failure
+from support import hf_reference, ours
 
 N_GREEDY = 8
 
@@ -138,12 +138,12 @@ def argparse_like():
 def test_llava_v1_linear_projector(tiny, tmp_path):
     """LLaVA v1: one nn.Linear projector (no mm_projector_type in its config). libmtmd's mlp projector
     always applies GELU after mm.0; the converter writes the linear map as an exact GELU pair (see
-    liuhaotian.linear_as_gelu_pair). Reference: transformers' LLaVA with its projector replaced by the
+    convert/projector.py linear_as_gelu_pair). Reference: transformers' LLaVA with its projector replaced by the
     checkpoint's nn.Linear, i.e. LLaVA v1's computation."""
     import gguf
     from safetensors.torch import load_file
 
-    from llava_gguf.reference import load_hf_model
+    from llava_gguf.checks.reference import load_hf_model
 
     hf = tiny(dtype="float16")
     lh = make_tiny_liuhaotian(hf, tmp_path / "llava-v1-tiny", tmp_path / "clip", weights_format="safetensors",

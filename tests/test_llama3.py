@@ -8,9 +8,11 @@ import pytest
 
 from llava_gguf import LLaVA
 from llava_gguf.runtime.prompt import Message
-from llava_gguf.tiny import LLAMA3_TEMPLATE
-from test_llava16 import N_GREEDY, _image, hf_next, hf_rows
-from test_parity import hf_greedy, ours_greedy
+from devkit.tokenizer_files import LLAMA3_TEMPLATE
+from support import crop_image, hf_next, hf_rows
+
+N_GREEDY = 8
+from support import hf_greedy, ours_greedy
 
 TEXTS = ["Hello world! What's in the image? 123456", " ünïcödé 日本語 😀\n\n  x  y", "don't 12345678 a\tb",
          "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", "<image>\nDescribe the image."]
@@ -25,7 +27,7 @@ def llama3(tiny, converted):
 def test_llama3_tokenizer_and_template_in_the_gguf(llama3):
     from transformers import AutoTokenizer
 
-    from llava_gguf.runtime import native
+    from llava_gguf.native import library as native
 
     ckpt, (llm, _) = llama3
     r = gguf.GGUFReader(llm)
@@ -51,7 +53,7 @@ def test_llama3_chat_renders_the_template_and_stops_at_eot(llama3):
         eot = m.llm.tokenize(b"<|eot_id|>", add_bos=False, special=True)
         assert len(eot) == 1 and m.is_end_of_generation(eot[0])
         s = m.chat()
-        answer = s.ask("What is in the image?", [_image(200, 112)], temperature=0.0, max_tokens=40)
+        answer = s.ask("What is in the image?", [crop_image(200, 112)], temperature=0.0, max_tokens=40)
         assert "<|eot_id|>" not in answer and "<|start_header_id|>" not in answer
 
 
@@ -64,7 +66,7 @@ def test_llama3_answers_match_transformers(llama3):
     before = [tok.bos_token_id] + tok.encode("<|start_header_id|>user<|end_header_id|>\n\n", add_special_tokens=False)
     after = tok.encode("\nWhat is in the image?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
                        add_special_tokens=False)
-    img = _image(300, 170)
+    img = crop_image(300, 170)
     ref, inp = hf_rows(model, proc, img)
     ids = before + [model.config.image_token_id] * ref.shape[0] + after
     _, tokens_hf = hf_greedy(model, ids, N_GREEDY, pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"])
@@ -77,8 +79,8 @@ def test_unknown_bpe_pre_tokenizer(llama3, tmp_path):
     import json
     import shutil
 
-    from conftest import run_cli
-    from test_bad_input import assert_clean_failure
+    from support import run_cli
+    from support import assert_clean_failure
 
     ckpt, _ = llama3
     bad = shutil.copytree(ckpt, tmp_path / "bad")
@@ -94,7 +96,7 @@ def test_yi_chatml(tiny, converted):
     <|im_end|> ending a turn."""
     from transformers import AutoTokenizer
 
-    from llava_gguf.tiny import CHATML_TEMPLATE
+    from devkit.tokenizer_files import CHATML_TEMPLATE
 
     ckpt = tiny(tokenizer="chatml", anyres=True)
     llm, mmproj = converted(ckpt, "f16")
@@ -110,5 +112,5 @@ def test_yi_chatml(tiny, converted):
                 tok.encode(probe, add_special_tokens=False), probe
         end = m.llm.tokenize(b"<|im_end|>", add_bos=False, special=True)
         assert len(end) == 1 and m.is_end_of_generation(end[0])
-        answer = m.chat().ask("What is in the image?", [_image(112, 200)], temperature=0.0, max_tokens=30)
+        answer = m.chat().ask("What is in the image?", [crop_image(112, 200)], temperature=0.0, max_tokens=30)
         assert "<|im_end|>" not in answer and "<|im_start|>" not in answer

@@ -12,10 +12,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from llava_gguf.convert.template import llama_cpp_layout
-from llava_gguf.runtime import native
-from llava_gguf.tiny import make_tiny_liuhaotian, sample_image
+from llava_gguf.native import library as native
+from devkit.tiny import make_tiny_liuhaotian, sample_image
 
 PROMPT = "What is in the image?"
 # Two differences in llama-mtmd-cli's defaults, not in the files:
@@ -155,7 +155,7 @@ def test_jinja_prompt_and_answer_equal_our_chat(family, pairs, tool, image):
 def test_shipped_model_in_llama_mtmd_cli(tool, tmp_path):
     """The shipped model (llava-hf's template in its chat_template.json) answers through llama-mtmd-cli
     with no flags, and with --jinja and its own prompt as `chat` does."""
-    from llava_gguf import shapes
+    from llava_gguf.demo import shapes
     from llava_gguf.convert import convert_checkpoint
 
     src = Path(__file__).resolve().parents[1] / "llava_gguf" / "data" / "shapes-llava"

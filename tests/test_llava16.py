@@ -8,37 +8,13 @@ import json
 import gguf
 import numpy as np
 import pytest
-import torch
 
-from conftest import run_cli
 from llava_gguf import LLaVA
-from llava_gguf.reference import mean_cosine
-from llava_gguf.tiny import sample_image
-from test_bad_input import assert_clean_failure
-from test_parity import _prompt_ids, hf_greedy, ours_greedy
+from llava_gguf.checks.reference import mean_cosine
+from support import assert_clean_failure, crop_image, hf_greedy, hf_next, hf_rows, ours_greedy, prompt_ids, run_cli
 
 N_GREEDY = 8
 SIZES = [(112, 112), (200, 112), (112, 200), (300, 170), (90, 260), (500, 300)]  # (w, h)
-
-
-def _image(w, h):
-    return sample_image(max(w, h), seed=w + h).crop((0, 0, w, h))
-
-
-def hf_next(ckpt):
-    from transformers import LlavaNextForConditionalGeneration
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    return (LlavaNextForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval(),
-            LlavaNextImageProcessorPil.from_pretrained(ckpt))
-
-
-def hf_rows(model, proc, img):
-    inp = proc(images=img, return_tensors="pt")
-    with torch.no_grad():
-        out = model.model.get_image_features(pixel_values=inp["pixel_values"], image_sizes=inp["image_sizes"])
-    rows = out.pooler_output
-    return (rows if torch.is_tensor(rows) else rows[0]).numpy(), inp
 
 
 @pytest.mark.parametrize("layout,text_model", [("transformers<4.52", "llama"), ("transformers-4.52", "llama"),
@@ -53,16 +29,16 @@ def test_llava16_rows_and_answers_match_transformers(tiny, converted, layout, te
     assert "model.image_newline" in [t.name for t in r.tensors]
     model, proc = hf_next(ckpt)
     sizes = SIZES if layout == "transformers-5" else SIZES[1:2]
-    before, after = _prompt_ids(ckpt)
+    before, after = prompt_ids(ckpt)
     with LLaVA(llm, mmproj, n_threads=2) as m:
         for w, h in sizes:
-            img = _image(w, h)
+            img = crop_image(w, h)
             ref, inp = hf_rows(model, proc, img)
             rows = m.embed_image(img)
             assert rows.shape == ref.shape, (w, h)
             assert mean_cosine(rows, ref) >= 0.9999, (w, h)
         # the answer: transformers greedy against ours on the same ids
-        img = _image(200, 112)
+        img = crop_image(200, 112)
         ref, inp = hf_rows(model, proc, img)
         ids = before + [model.config.image_token_id] * ref.shape[0] + after
         first_hf, tokens_hf = hf_greedy(model, ids, N_GREEDY, pixel_values=inp["pixel_values"],
@@ -77,7 +53,7 @@ def test_llava16_chat_session(tiny, converted):
     and a follow-up reuses them."""
     llm, mmproj = converted(tiny(anyres=True), "f16")
     greedy = dict(temperature=0.0, max_tokens=6)
-    img = _image(300, 170)
+    img = crop_image(300, 170)
     with LLaVA(llm, mmproj, n_threads=2) as m:
         s = m.chat()
         s.ask("What is in the image?", [img], **greedy)
@@ -85,12 +61,11 @@ def test_llava16_chat_session(tiny, converted):
         s.ask("And the colours?", **greedy)
         t2 = m.last
         rows = m.embed_image(img)
-        assert len(m._originals) <= 1  # only the images of the prompt last laid out are kept
         # an image the embedding cache has already dropped, again later in the same prompt
         from llava_gguf.runtime.prompt import Message
 
         m.IMAGE_CACHE_BYTES = 0
-        a, b = _image(200, 112), _image(112, 200)
+        a, b = crop_image(200, 112), crop_image(112, 200)
         text = "".join(m.stream_messages([Message("user", "Compare them.", n_images=3)], [a, b, a], **greedy))
         assert m.last.images == 3 and isinstance(text, str)
     assert t1.images == 1 and t1.images_encoded == 1
@@ -127,7 +102,7 @@ def test_llava16_verify(tiny, converted, tmp_path):
     llm, mmproj = converted(ckpt, "f16")
     images = tmp_path / "images"
     images.mkdir()
-    _image(500, 300).save(images / "wide.png")
+    crop_image(500, 300).save(images / "wide.png")
     for extra in ([], ["--images", str(images)]):
         p = run_cli("verify", str(ckpt), str(llm.parent), "--tokens", "6", "--json", *extra)
         assert p.returncode == 0, p.stderr
@@ -140,7 +115,7 @@ def test_llava16_imatrix_images_refused(tiny, converted, tmp_path):
     llm, mmproj = converted(tiny(anyres=True), "f16")
     images = tmp_path / "images"
     images.mkdir()
-    _image(200, 112).save(images / "a.png")
+    crop_image(200, 112).save(images / "a.png")
     out = tmp_path / "imatrix.gguf"
     p = run_cli("imatrix", str(llm), "-o", str(out), "--images", str(images))
     assert p.returncode == 1 and "not supported for LLaVA-1.6" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -12,11 +12,11 @@ from pathlib import Path
 import gguf
 import pytest
 
-from conftest import run_cli
-from gguf_edit import rewrite_gguf
+from support import run_cli
+from support import rewrite_gguf
 from fuzz.mutate import set_gguf_field
 from llava_gguf.errors import LlavaGgufError
-from llava_gguf.inspection import inspect_path
+from llava_gguf.checks.inspect import inspect_path
 
 
 def _edit(src: Path, dest: Path, key: str, kind: str, value, nth: int = 0) -> Path:
@@ -128,7 +128,7 @@ def test_template_that_is_not_jinja_is_a_defect_and_refused(pair, tmp_path):
 
 def test_template_errors_are_one_line():
     """jinja2's TemplateSyntaxError appends the location and the source line on lines of their own."""
-    from llava_gguf.chat_template import template_problem
+    from llava_gguf.gguf.chat_template import template_problem
     from llava_gguf.runtime.prompt import Message, render
 
     with pytest.raises(LlavaGgufError) as e:
@@ -144,8 +144,8 @@ def test_template_errors_are_one_line():
                                        ("mmproj", "clip.projector_type")])
 def test_string_not_utf8_ends_in_one_line(pair, tmp_path, which, key):
     """gguf-py's contents() raised UnicodeDecodeError in quantize's classify and the runtime's read_gguf_info."""
-    from llava_gguf.quantize import classify
-    from llava_gguf.runtime.gguf_info import read_gguf_info
+    from llava_gguf.gguf.classify import classify
+    from llava_gguf.gguf.info import read_gguf_info
 
     llm, mmproj = pair
     bad = _edit(llm if which == "llm" else mmproj, tmp_path / "bytes.gguf", key, "string", b"\xff")
@@ -162,7 +162,7 @@ def test_string_not_utf8_ends_in_one_line(pair, tmp_path, which, key):
 def test_repair_copies_a_string_that_is_not_utf8(tiny, converted, tmp_path):
     """repair rewrites every key: a string that is not UTF-8 is copied as its bytes (gguf-py's contents()
     raised UnicodeDecodeError), and the repaired file keeps it."""
-    from llava_gguf.repair import repair_mmproj
+    from llava_gguf.gguf.repair import repair_mmproj
 
     _, mmproj = converted(tiny())
     r = gguf.GGUFReader(mmproj)

@@ -15,26 +15,10 @@ import gguf
 import pytest
 
 from llava_gguf.errors import LlavaGgufError
-from llava_gguf.inspection import FEATURE_LAYER_KEY
 
-from conftest import run_cli, wait_for_temporaries
-from gguf_edit import rewrite_gguf
+from support import legacy_mmproj, one_error_line, run_cli, wait_for_temporaries
 
 VICTIM_TEXT = "precious data the victim can write\n"
-
-
-def legacy_mmproj(mmproj: Path, dest: Path) -> Path:
-    """An mmproj without its feature layer: something `repair` rewrites."""
-    return rewrite_gguf(mmproj, dest, drop_keys=(FEATURE_LAYER_KEY,))
-
-
-def one_error_line(p: subprocess.CompletedProcess, *words: str) -> str:
-    assert p.returncode != 0, p.stdout
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for w in words:
-        assert w.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 @pytest.fixture()
@@ -104,7 +88,7 @@ def test_an_existing_final_symlink_is_replaced_only_with_force(tiny, converted, 
 
 
 def test_temporaries_are_exclusive_unique_and_private(tmp_path):
-    from llava_gguf.outputs import OutputSet, temp_pattern
+    from llava_gguf.gguf.outputs import OutputSet, temp_pattern
 
     a = OutputSet(tmp_path, ["a.gguf", "b.gguf"], force=False)
     b = OutputSet(tmp_path, ["c.gguf"], force=False)
@@ -140,7 +124,7 @@ def _umask() -> int:
 def test_commit_without_force_never_replaces_a_file_created_meanwhile(tmp_path):
     """Another program creating the output while we write: without --force it is kept, and nothing
     of ours appears (neither output of the pair)."""
-    from llava_gguf.outputs import atomic_outputs
+    from llava_gguf.gguf.outputs import atomic_outputs
 
     with pytest.raises(LlavaGgufError, match="already exists"):
         with atomic_outputs(tmp_path, ["llm.gguf", "mmproj.gguf"], force=False) as out:
@@ -155,7 +139,7 @@ def test_commit_without_force_never_replaces_a_file_created_meanwhile(tmp_path):
 def test_a_swapped_temporary_is_not_committed(tmp_path, victim):
     """Someone who can write the directory renames our temporary away and puts a symlink in its place:
     the writer still writes our inode (/proc/self/fd), and the commit refuses the swapped name."""
-    from llava_gguf.outputs import atomic_outputs
+    from llava_gguf.gguf.outputs import atomic_outputs
 
     with pytest.raises(LlavaGgufError, match="replaced while it was being written"):
         with atomic_outputs(tmp_path / "o", ["x.gguf"], force=False) as out:
@@ -170,7 +154,7 @@ def test_a_swapped_temporary_is_not_committed(tmp_path, victim):
 
 
 def test_stale_temporary_of_a_killed_run_is_removed(tmp_path):
-    from llava_gguf.outputs import atomic_outputs
+    from llava_gguf.gguf.outputs import atomic_outputs
 
     stale = tmp_path / ".x.gguf.abcdefgh.partial"
     stale.write_bytes(b"half a model")

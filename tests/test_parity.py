@@ -10,74 +10,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from llava_gguf.reference import image_features, load_hf_model, mean_cosine, pixel_values
-from llava_gguf.tiny import LAYOUT_NAMES, sample_image
+from llava_gguf.checks.reference import image_features, load_hf_model, mean_cosine, pixel_values
+from devkit.tiny import LAYOUT_NAMES, sample_image
+from support import hf_reference, ours
 
 N_GREEDY = 12
-
-
-def _prompt_ids(ckpt):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    before = [tok.bos_token_id] + tok.encode("USER: ", add_special_tokens=False)
-    after = tok.encode("\nWhat is in the image? ASSISTANT:", add_special_tokens=False)
-    return before, after
-
-
-def hf_reference(ckpt, image, n_greedy, model=None):
-    """Image rows, first-step logits and greedy tokens from transformers (fp32); `model`: a loaded (and
-    possibly altered) model of `ckpt` instead of the checkpoint as saved."""
-    model = model if model is not None else load_hf_model(ckpt)
-    pixels = pixel_values(ckpt, image)
-    feats = image_features(model, pixels)
-    before, after = _prompt_ids(ckpt)
-    ids = before + [model.config.image_token_id] * feats.shape[0] + after
-    first_logits, tokens = hf_greedy(model, ids, n_greedy, pixel_values=pixels)
-    return feats, first_logits, tokens, (before, after)
-
-
-def hf_greedy(model, ids, n_greedy, **image_inputs):
-    """transformers' first-step logits and greedy tokens for prompt `ids` with the image inputs."""
-    tokens, first_logits = [], None
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), **image_inputs, use_cache=True)
-        for step in range(n_greedy):
-            logits = out.logits[0, -1].float()
-            if step == 0:
-                first_logits = logits.numpy()
-            nxt = int(logits.argmax())
-            tokens.append(nxt)
-            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
-    return first_logits, tokens
-
-
-def ours(llm, mmproj, image, before, after, n_greedy):
-    from llava_gguf import LLaVA
-
-    with LLaVA(llm, mmproj, n_threads=2) as m:
-        feats = m.embed_image(image)
-        first, tokens = ours_greedy(m, image, before, after, n_greedy)
-    return feats, first, tokens
-
-
-def ours_greedy(m, image, before, after, n_greedy):
-    """Our runtime's first-step logits and greedy tokens for `before` + image + `after`, from an empty cache."""
-    m.reset()
-    m.eval_tokens(before)
-    m.eval_image(image)
-    m.eval_tokens(after)
-    first = m.last_logits()
-    tokens = []
-    logits = first
-    for _ in range(n_greedy):
-        nxt = int(np.argmax(logits))
-        tokens.append(nxt)
-        m.eval_tokens([nxt])
-        logits = m.last_logits()
-    return first, tokens
 
 
 CASES = [(layout, dtype) for layout in LAYOUT_NAMES for dtype in ("float32", "float16", "bfloat16")]
@@ -115,8 +53,8 @@ def test_stock_libmtmd_shows_the_defect(tiny, converted):
     code = (
         "import json, sys, numpy as np\n"
         "from llava_gguf import LLaVA\n"
-        "from llava_gguf.reference import mean_cosine\n"
-        "from llava_gguf.tiny import sample_image\n"
+        "from llava_gguf.checks.reference import mean_cosine\n"
+        "from llava_gguf.checks.samples import sample_image\n"
         f"m = LLaVA({str(llm)!r}, {str(mmproj)!r})\n"
         "e = m.embed_image(sample_image(112, seed=3))\n"
         f"print(json.dumps({{'cos': mean_cosine(e, np.load({os.path.join(os.path.dirname(llm), 'ref.npy')!r}))}}))\n")
@@ -189,7 +127,7 @@ def test_pytorch_bin_checkpoints(tiny, converted, shards):
 @pytest.mark.parametrize("layout", ["transformers<4.52", "transformers-5"])
 def test_bakllava_mistral_text_model(tiny, converted, layout):
     """BakLLaVA: LLaVA-1.5 with a Mistral language model (its own family), the same parity as LLaVA-1.5."""
-    from llava_gguf.convert.families import find_family
+    from llava_gguf.families import find_family
     from llava_gguf.convert.checkpoint import read_config
 
     ckpt = tiny(text_model="mistral", layout=layout)
@@ -214,8 +152,8 @@ def test_head_dim_other_than_hidden_over_heads(tmp_path, monkeypatch):
     import transformers
 
     from llava_gguf.convert import convert_checkpoint
-    from llava_gguf.inspection import inspect_path
-    from llava_gguf.tiny import TinySpec, make_tiny_llava
+    from llava_gguf.checks.inspect import inspect_path
+    from devkit.tiny import TinySpec, make_tiny_llava
 
     init = transformers.LlamaConfig.__init__
 

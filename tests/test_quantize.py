@@ -6,10 +6,10 @@ import subprocess
 import gguf
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from llava_gguf.quantize import find_type, output_path, quantize_gguf
-from llava_gguf.runtime import native
-from llava_gguf.tiny import sample_image
+from llava_gguf.native import library as native
+from devkit.tiny import sample_image
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_mmproj_quantization(tiny, converted, tmp_path):
     import numpy as np
 
     from llava_gguf import LLaVA
-    from llava_gguf.reference import mean_cosine
+    from llava_gguf.checks.reference import mean_cosine
 
     llm, mmproj = converted(tiny(vision_hidden=256, vision_heads=4), "f16")
     image = sample_image(112, seed=2)

@@ -13,10 +13,11 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from llava_gguf.quantize import quantize_directory, quantize_gguf
-from llava_gguf.quantize.imatrix import compute_imatrix, load_imatrix
-from llava_gguf.runtime import native
+from llava_gguf.quantize.imatrix import load_imatrix
+from llava_gguf.runtime.imatrix import compute_imatrix
+from llava_gguf.native import library as native
 
 # An LLM big enough for sizes to mean something (token_embd does not dominate) and for quantizing to
 # take a few seconds; rows are multiples of 256, so every type applies.
@@ -67,7 +68,7 @@ def test_convert_outtype_quant_type_equals_convert_then_quantize(tiny, f16_pair,
 
 
 def test_directory_source_keeps_or_quantizes_the_mmproj(f16_pair, tmp_path):
-    from llava_gguf.runtime.locate import locate_pair
+    from llava_gguf.gguf.pairing import locate_pair
 
     llm, mmproj = f16_pair
     src = tmp_path / "src"
@@ -112,7 +113,7 @@ def test_imatrix_quantization_byte_identical_to_native(f16_pair, tiny_imatrix, t
     assert fields["quantize.imatrix.file"].contents() == str(tiny_imatrix)
     if qtype == "IQ2_XS":
         from llava_gguf import LLaVA
-        from llava_gguf.tiny import sample_image
+        from devkit.tiny import sample_image
 
         with LLaVA(ours, mmproj) as m:
             assert m.generate_from_image(sample_image(112), "What is in the image?", temperature=0, max_tokens=4)
@@ -136,7 +137,7 @@ def test_imatrix_cli_and_refusals(f16_pair, tmp_path):
 
 
 def test_imatrix_calibrates_on_images_too(f16_pair, tmp_path):
-    from llava_gguf.tiny import sample_image
+    from devkit.tiny import sample_image
 
     llm, _ = f16_pair
     imgs = tmp_path / "imgs"
@@ -159,7 +160,7 @@ def test_imatrix_calibrates_on_images_too(f16_pair, tmp_path):
 
 
 def test_quality_same_model_is_exact(f16_pair, tmp_path):
-    from llava_gguf.quality import measure_quality
+    from llava_gguf.checks.quality import measure_quality
 
     llm, mmproj = f16_pair
     copy = shutil.copy(llm, tmp_path / "copy-F16.gguf")

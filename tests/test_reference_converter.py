@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from llava_gguf.reference import llama_cpp_converter as reference_converter
+from devkit.llama_cpp import llama_cpp_converter as reference_converter
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def test_llm_gguf_matches_llama_cpp(tiny, converted, llama_cpp_converter, workdi
     fa, fb = _fields(a), _fields(b)
     # our one deliberate difference: a checkpoint template llama.cpp's tools would reject gets a layout
     # comment (convert/template.py); llama.cpp's converter copies it as it is
-    from llava_gguf.convert.families.llava15 import VICUNA_TEMPLATE
+    from llava_gguf.families.llava15 import VICUNA_TEMPLATE
     from llava_gguf.convert.template import for_llama_cpp
 
     fb["tokenizer.chat_template"] = for_llama_cpp(fb["tokenizer.chat_template"], VICUNA_TEMPLATE).template

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import run_cli
-from gguf_edit import rewrite_gguf
+from support import run_cli
+from support import rewrite_gguf
 from llava_gguf import LLaVA, LlavaGgufError
 from llava_gguf.errors import LlavaGgufWarning
 from llava_gguf.runtime.images import load_image
 from llava_gguf.runtime.prompt import Message
-from llava_gguf.tiny import sample_image
+from devkit.tiny import sample_image
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ CLOSED_SCRIPT = textwrap.dedent("""
     import json, sys
     from llava_gguf import LLaVA, LlavaGgufError
     from llava_gguf.runtime.prompt import Message
-    from llava_gguf.tiny import sample_image
+    from llava_gguf.checks.samples import sample_image
 
     img = sample_image(112, seed=1)
     m = LLaVA(sys.argv[1], sys.argv[2])
@@ -389,7 +389,7 @@ def test_available_memory_counts_reclaimable_page_cache_in_a_cgroup(tmp_path):
     """cgroup v2's memory.current includes the page cache (a model just read): a 24 GiB container with
     23.5 GiB 'used', 20 GiB of it inactive file pages, has ~20.5 GiB to give, not 0.5 (which refused even
     the default context of a 7B)."""
-    from llava_gguf.runtime.settings import available_memory
+    from llava_gguf.runtime.resources import available_memory
 
     gib = 2**30
     (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gib // 1024} kB\nMemAvailable: {60 * gib // 1024} kB\n")

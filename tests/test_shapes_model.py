@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from llava_gguf import LLaVA, shapes
-from llava_gguf.demo import SHIPPED_MODEL
+from llava_gguf import LLaVA
+from llava_gguf.demo import shapes
+from llava_gguf.demo.run import SHIPPED_MODEL
 
 SAMPLE = 200  # test questions checked here; bench/accuracy.py runs the whole split
 
@@ -28,7 +29,7 @@ def test_generator_is_deterministic_and_consistent():
     for sc, q in shapes.questions("test", 0, 20):
         h.update(f"{sc.caption()}|{q.text}|{q.answer}".encode())
     assert h.hexdigest()[:16] == PINNED
-    code = ("import hashlib, numpy as np; from llava_gguf import shapes; "
+    code = ("import hashlib, numpy as np; from llava_gguf.demo import shapes; "
             "print(hashlib.sha256(b''.join(np.asarray(shapes.scene('test', i).image()).tobytes() "
             "for i in range(20))).hexdigest())")
     here = hashlib.sha256(b"".join(np.asarray(shapes.scene("test", i).image()).tobytes() for i in range(20))).hexdigest()
@@ -144,7 +145,7 @@ def test_shipped_checkpoint_is_a_standard_llava(shipped):
 def test_quality_report_on_a_trained_model(gguf_files, tmp_path):
     """`quality` on a model whose answers mean something: Q8_0 is nearly the F16 model, Q4_K_M measurably
     further away, and both still give the F16 model's answers to the task's questions."""
-    from llava_gguf.quality import measure_quality
+    from llava_gguf.checks.quality import measure_quality
 
     images = tmp_path / "images"
     images.mkdir()

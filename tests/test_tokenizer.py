@@ -22,7 +22,7 @@ SAMPLES = [
 
 @pytest.fixture(scope="module")
 def pair(tiny, converted):
-    from llava_gguf.runtime import native
+    from llava_gguf.native import library as native
 
     ckpt = tiny()
     llm, _ = converted(ckpt, "f16")

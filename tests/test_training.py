@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_gguf import shapes
+from llava_gguf.demo import shapes
 from training import train as T
 
 STEPS = 12
@@ -270,7 +270,7 @@ def test_language_model_text_asks_about_a_caption_in_the_image_rows_place(data):
 def test_prompt_is_what_the_runtime_renders(data):
     """Training prompts are the Vicuna prompt the runtime renders from the shipped chat template, token
     for token (the image token repeated once per image row, as LLaVA's processor expands it)."""
-    from llava_gguf.convert.families.llava15 import VICUNA_TEMPLATE
+    from llava_gguf.families.llava15 import VICUNA_TEMPLATE
     from llava_gguf.runtime.prompt import IMAGE_PLACEHOLDER, Message, render_with_images
 
     q = shapes.scene("test", 0).questions()[0]

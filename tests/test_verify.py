@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
-from llava_gguf.tiny import make_tiny_liuhaotian, sample_image
+from support import run_cli
+from devkit.tiny import make_tiny_liuhaotian, sample_image
 
 
 def _json(p) -> dict:

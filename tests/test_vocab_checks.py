@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
-from llava_gguf.tiny import _corpus, sample_image
+from support import run_cli
+from devkit.tiny import sample_image
+from devkit.tokenizer_files import corpus as _corpus
 
 
 def _train_without_byte_fallback(corpus: list[str], sp_vocab: int) -> bytes:
@@ -36,7 +37,7 @@ def no_newline(tiny, tmp_path_factory):
 
 
 def test_unencodable_characters(tiny, no_newline):
-    from llava_gguf.convert.families.llava15 import VICUNA_TEMPLATE
+    from llava_gguf.families.llava15 import VICUNA_TEMPLATE
     from llava_gguf.convert.template import template_text
     from llava_gguf.convert.vocab import read_vocab, unencodable
 

@@ -3,11 +3,17 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="$ROOT/.venv"
-LLAMA_CPP_PYTHON_VERSION=0.3.36
-CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/llava-gguf"
-SDIST="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
 
 say() { printf '[llava-gguf setup] %s\n' "$*" >&2; }
+
+# The pinned llama-cpp-python release: its one source is its line in llava_gguf/settings.py (CMakeLists.txt
+# reads it too; tests/unit/test_settings.py runs the next line and checks it against pyproject.toml's pin).
+LLAMA_CPP_PYTHON_VERSION="$(sed -n 's/^LLAMA_CPP_PYTHON_VERSION = "\([^"]*\)"$/\1/p' "$ROOT/llava_gguf/settings.py")"
+if [ -z "$LLAMA_CPP_PYTHON_VERSION" ]; then
+  say "llava_gguf/settings.py has no line LLAMA_CPP_PYTHON_VERSION = \"<version>\""; exit 1
+fi
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/llava-gguf"
+SDIST="$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
 
 pick_python() {
   for py in "${PYTHON:-}" python3.11 python3.12 python3.10 python3.13 python3; do

@@ -7,14 +7,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LlavaGgufError
-from ..outputs import atomic_outputs, write_error
-from .checkpoint import Checkpoint, TensorRef, read_checkpoint
-from .families import Family, KeyLayout, detect_layout, find_family
-from .hparams import resolve_llava
-from .llm import OUTTYPES, build_llm, type_label
-from .mmproj import MMPROJ_TYPES, build_mmproj
-from .writer import OutputWriteError, TensorStream
+from llava_gguf.convert.checkpoint import Checkpoint, TensorRef, read_checkpoint
+from llava_gguf.convert.external import attach_vision
+from llava_gguf.convert.llm import OUTTYPES, build_llm, type_label
+from llava_gguf.convert.mmproj import MMPROJ_TYPES, build_mmproj
+from llava_gguf.convert.projector import linear_as_gelu_pair
+from llava_gguf.convert.writer import OutputWriteError, TensorStream
+from llava_gguf.errors import LlavaGgufError
+from llava_gguf.families import Family, KeyLayout, detect_layout, find_family
+from llava_gguf.families.hparams import resolve_llava
+from llava_gguf.gguf.outputs import atomic_outputs, write_error
+from llava_gguf.quantize.job import QuantizeJob
+from llava_gguf.quantize.types import find_type
 
 __all__ = ["ConvertResult", "LlavaSource", "open_llava", "split_parts", "stored_parts", "convert_checkpoint",
            "output_names", "OUTTYPES", "MMPROJ_TYPES"]
@@ -58,8 +62,8 @@ def split_parts(source: LlavaSource) -> tuple[dict[str, TensorRef], dict[str, Te
     """(text, vision, projector) tensors under the names the family's tables map (after the family's
     projector rewrite, e.g. LLaVA v1's GELU pair)."""
     text, vision, proj = stored_parts(source)
-    if source.family.projector_tensors is not None:
-        proj = source.family.projector_tensors(proj)
+    if source.family.linear_projector:
+        proj = linear_as_gelu_pair(proj)
     return text, vision, proj
 
 
@@ -103,8 +107,6 @@ def open_llava(src: Path | str, clip: Path | str | None = None) -> LlavaSource:
     family: Family = find_family(ck.config)
     config, image_dir, clip_dir = ck.config, src, None
     if family.external_vision:
-        from .external import attach_vision
-
         ck, config, clip_dir = attach_vision(ck, family, Path(clip) if clip is not None else None)
         image_dir = clip_dir
     elif clip is not None:
@@ -123,8 +125,6 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     quant = None
     if outtype not in OUTTYPES:
         # any llama.cpp quantization type: convert to a temporary F16 beside the outputs, quantize, remove it
-        from ..quantize import find_type
-
         try:
             quant = find_type(outtype)
         except LlavaGgufError:
@@ -169,10 +169,8 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
             raise LlavaGgufError("a weight file ended early while it was being read",
                                  "the checkpoint changed or is truncated; download it again") from None
         if quant is not None:
-            from ..quantize import _Job
-
             try:
-                job = _Job.plan(stage, quant, allow_requantize=False, imatrix=None)
+                job = QuantizeJob.plan(stage, quant, allow_requantize=False, imatrix=None)
             except LlavaGgufError as e:  # about the F16 stage: name the output, not /proc/self/fd/N
                 raise LlavaGgufError(e.message.replace(str(stage), f"the F16 stage of {outdir / llm_name}"),
                                      e.hint) from None

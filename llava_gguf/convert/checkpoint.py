@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import LlavaGgufError
-from .hparams import spelt
+from llava_gguf.errors import LlavaGgufError
+from llava_gguf.families.hparams import spelt
 
 # safetensors dtype -> (numpy storage dtype, bytes per element)
 _ST_DTYPES: dict[str, tuple[np.dtype, int]] = {
@@ -231,10 +233,7 @@ def _parse_safetensors_header(path: Path) -> list[TensorRef]:
 
 
 def _torch_bin_refs(path: Path) -> list[TensorRef]:
-    import pickle
-    import zipfile
-
-    import torch
+    import torch  # heavy (seconds to import): only pytorch_model*.bin checkpoints need it
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -4,13 +4,14 @@ config's `mm_vision_tower` names, from a local path or the Hugging Face cache. N
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
-from ..errors import LlavaGgufError
-from .checkpoint import Checkpoint, read_checkpoint
-from .families import Family
-from .families.liuhaotian import clip_vision_config
-from .hparams import OBJECT, STRING, STRINGS, VISION_TYPES, check_types
+from llava_gguf.convert.checkpoint import Checkpoint, read_checkpoint
+from llava_gguf.errors import LlavaGgufError
+from llava_gguf.families import Family
+from llava_gguf.families.clip import clip_vision_config
+from llava_gguf.families.hparams import OBJECT, STRING, STRINGS, VISION_TYPES, check_types
 
 
 _TOWER_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
@@ -86,8 +87,6 @@ def attach_vision(ck: Checkpoint, family: Family, clip: Path | None) -> tuple[Ch
                              "--clip takes a CLIPModel or CLIPVisionModel directory, e.g. openai/clip-vit-large-patch14-336")
     tensors = dict(ck.tensors)
     if not has_tower:
-        from dataclasses import replace
-
         # `vision_model.*` (CLIPModel; CLIPVisionModel before transformers 5) or bare (CLIPVisionModel since 5)
         strip = "vision_model." if any(n.startswith("vision_model.") for n in clip_ck.tensors) else ""
         vision = {n: r for n, r in clip_ck.tensors.items()

@@ -9,10 +9,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ..errors import LlavaGgufError, warn
-from .checkpoint import TensorRef
-from .vocab import add_vocab, read_vocab
-from .writer import PlannedTensor, QType, StreamingGGUF, can_quantize
+from llava_gguf.errors import LlavaGgufError, warn
+from llava_gguf.convert.checkpoint import TensorRef
+from llava_gguf.convert.vocab import add_vocab, read_vocab
+from llava_gguf.convert.writer import PlannedTensor, QType, StreamingGGUF, can_quantize
+from llava_gguf.families.hparams import TEXT_DEFAULTS, TEXT_MODELS, unsupported_text_model
 
 # The file-type names we accept, their GGUF file type and the type of a quantizable weight.
 OUTTYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
@@ -122,8 +123,9 @@ def check_text_model(hp: dict, text_tensors: dict[str, TensorRef]) -> None:
 
 def sliding_window(hp: dict) -> int | None:
     """Mistral's attention window (each token sees itself and the window - 1 before it), or None.
-    LLaMA has none: transformers' LlamaConfig ignores the key."""
-    window = hp.get("sliding_window") if hp.get("model_type") == "mistral" else None
+    LLaMA has none: transformers' LlamaConfig ignores the key (its defaults, in TEXT_DEFAULTS, have none)."""
+    windowed = "sliding_window" in TEXT_DEFAULTS.get(hp.get("model_type", "llama"), {})
+    window = hp.get("sliding_window") if windowed else None
     return int(window) if window is not None else None
 
 
@@ -217,8 +219,8 @@ def add_llm_metadata(w: gguf.GGUFWriter, hp: dict, src: Path, outtype: str, mode
 
 def build_llm(hp: dict, text_tensors: dict[str, TensorRef], src: Path, outtype: str,
               model_name: str | None, default_chat_template: str) -> StreamingGGUF:
-    if hp.get("model_type", "llama") not in ("llama", "mistral"):
-        raise LlavaGgufError(f"unsupported text model type {hp.get('model_type')!r}", "supported: llama")
+    if hp.get("model_type", "llama") not in TEXT_MODELS:
+        raise unsupported_text_model(hp.get("model_type"))
     check_text_model(hp, text_tensors)
     gg = StreamingGGUF(gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     gg.add_all(plan_llm(hp, text_tensors, outtype))

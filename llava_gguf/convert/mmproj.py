@@ -8,12 +8,13 @@ from pathlib import Path
 
 import gguf
 
-from ..errors import LlavaGgufError
-from .checkpoint import TensorRef, load_json
-from .families import Family
-from .hparams import NUMBER, spelt
-from .llm import FLOAT_DTYPES
-from .writer import PlannedTensor, QType, StreamingGGUF, can_quantize
+from llava_gguf.errors import LlavaGgufError
+from llava_gguf.convert.checkpoint import TensorRef, load_json
+from llava_gguf.families import Family
+from llava_gguf.families.clip import CLIP_MEAN, CLIP_STD
+from llava_gguf.families.hparams import NUMBER, spelt
+from llava_gguf.convert.llm import FLOAT_DTYPES
+from llava_gguf.convert.writer import PlannedTensor, QType, StreamingGGUF, can_quantize
 
 MMPROJ_TYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
     "f32": (gguf.LlamaFileType.ALL_F32, QType.F32),
@@ -22,8 +23,6 @@ MMPROJ_TYPES: dict[str, tuple[gguf.LlamaFileType, QType]] = {
 }
 
 # OpenAI CLIP's normalisation, used by every LLaVA tower when preprocessor_config.json is absent.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def feature_layer_index(cfg: dict, n_layers: int) -> int:

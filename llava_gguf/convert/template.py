@@ -20,7 +20,8 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..chat_template import compile_template
+from llava_gguf.errors import warn
+from llava_gguf.gguf.chat_template import compile_template
 
 # llama.cpp's template names (LLM_CHAT_TEMPLATES): a template that is exactly one of these is that layout
 _NAMED = frozenset((
@@ -205,3 +206,29 @@ def for_llama_cpp(template: str, reference: str | None) -> Prepared:
         if llama_cpp_layout(candidate) == want and renders_same(candidate, template):
             return Prepared(candidate, want, True)
     return Prepared(template, None, False)
+
+
+def default_template(chat_template: str | list | None) -> str | None:
+    """The template a chat uses: the text, or the one named "default" in tokenizer_config.json's list form."""
+    if isinstance(chat_template, list):  # named templates (tokenizer_config.json's list form)
+        return next((t.get("template") for t in chat_template if isinstance(t, dict) and t.get("name") == "default"),
+                    None)
+    return chat_template
+
+
+def templates_for_llama_cpp(chat_template: str | list | None, family_template: str | None) -> str | list | None:
+    """The template(s) to write, each made recognisable to llama.cpp's tools where it renders the family's
+    layout (see above); a default template they cannot use without --jinja gets a warning."""
+    if chat_template is None:
+        return None
+    if isinstance(chat_template, list):
+        prepared = [{**t, "template": for_llama_cpp(t["template"], family_template).template}
+                    if isinstance(t, dict) and isinstance(t.get("template"), str) else t for t in chat_template]
+    else:
+        prepared = for_llama_cpp(chat_template, family_template).template
+    default = default_template(prepared)
+    if default is not None and llama_cpp_layout(default) is None:
+        warn("llama.cpp's own tools (llama-mtmd-cli, llama-server) do not recognise the checkpoint's chat template "
+             "and will stop with 'this custom template is not supported' unless run with --jinja",
+             "llava-gguf's own chat renders the template itself")
+    return prepared

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import gguf
 
-from ..errors import LlavaGgufError, warn
-from .template import for_llama_cpp, llama_cpp_layout, template_text
+from llava_gguf.errors import LlavaGgufError, warn
+from llava_gguf.convert.template import default_template, template_text, templates_for_llama_cpp
 
 
 class TokenType(IntEnum):  # llama.cpp's llama_token_type
@@ -44,7 +44,7 @@ def _looks_special(token: str) -> bool:
 
 
 def _sentencepiece_vocab(src: Path, vocab_size: int | None) -> Vocab:
-    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import SentencePieceProcessor  # optional: only SentencePiece vocabularies need it
 
     sp = SentencePieceProcessor()
     try:
@@ -185,34 +185,9 @@ def add_vocab(writer: gguf.GGUFWriter, src: Path, vocab: Vocab, default_chat_tem
     special = gguf.SpecialVocab(src, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
     if special.chat_template is None and default_chat_template is not None:
         special.chat_template = default_chat_template
-    special.chat_template = _templates_for_llama_cpp(special.chat_template, default_chat_template)
-    _check_encodable(vocab, _default_template(special.chat_template))
+    special.chat_template = templates_for_llama_cpp(special.chat_template, default_chat_template)
+    _check_encodable(vocab, default_template(special.chat_template))
     special.add_to_gguf(writer, quiet=True)
-
-
-def _default_template(chat_template: str | list | None) -> str | None:
-    if isinstance(chat_template, list):  # named templates (tokenizer_config.json's list form)
-        return next((t.get("template") for t in chat_template if isinstance(t, dict) and t.get("name") == "default"),
-                    None)
-    return chat_template
-
-
-def _templates_for_llama_cpp(chat_template: str | list | None, family_template: str | None) -> str | list | None:
-    """The template(s) to write, each made recognisable to llama.cpp's tools where it renders the family's
-    layout (see template.py); a default template they cannot use without --jinja gets a warning."""
-    if chat_template is None:
-        return None
-    if isinstance(chat_template, list):
-        prepared = [{**t, "template": for_llama_cpp(t["template"], family_template).template}
-                    if isinstance(t, dict) and isinstance(t.get("template"), str) else t for t in chat_template]
-    else:
-        prepared = for_llama_cpp(chat_template, family_template).template
-    default = _default_template(prepared)
-    if default is not None and llama_cpp_layout(default) is None:
-        warn("llama.cpp's own tools (llama-mtmd-cli, llama-server) do not recognise the checkpoint's chat template "
-             "and will stop with 'this custom template is not supported' unless run with --jinja",
-             "llava-gguf's own chat renders the template itself")
-    return prepared
 
 
 def _describe(ch: str) -> str:

@@ -7,6 +7,7 @@ cache, which is what we avoid here."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .checkpoint import TensorRef
+from llava_gguf.convert.checkpoint import TensorRef
 
 QType = gguf.GGMLQuantizationType
 
@@ -122,8 +123,6 @@ class _Sink:
     plain write(2)."""
 
     def __init__(self, path: Path, header_len: int, size: int, target: Path, staging: int = 32 * 2**20) -> None:
-        import mmap
-
         self.path, self.size, self.target = path, size, target
         with open(path, "rb") as f:
             header = f.read(header_len)

@@ -11,8 +11,10 @@ the padding removed and one `image_newline` row after each feature row."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 
 def select_best_resolution(original_hw: tuple[int, int], pinpoints: list[tuple[int, int]]) -> tuple[int, int]:
@@ -43,8 +45,6 @@ def patch_output_size(original_hw: tuple[int, int], target_hw: tuple[int, int]) 
 
 def tiles(image, pinpoints: list[tuple[int, int]], size: int):
     """(base tile, grid tiles row-major, (rows, cols)) as PIL images of size x size."""
-    from PIL import Image
-
     img = image.convert("RGB")
     ow, oh = img.size
     th, tw = select_best_resolution((oh, ow), pinpoints)
@@ -98,3 +98,23 @@ def count_rows(original_hw: tuple[int, int], pinpoints: list[tuple[int, int]], s
 
 def flat_pinpoints(values: list[int]) -> list[tuple[int, int]]:
     return [(int(values[i]), int(values[i + 1])) for i in range(0, len(values) - 1, 2)]
+
+
+@dataclass(frozen=True)
+class AnyresGeometry:
+    """An anyres (LLaVA-1.6) mmproj's geometry: pinpoints (height, width), tile size in pixels, feature rows
+    per tile side, and the image_newline row."""
+
+    pins: list[tuple[int, int]]
+    size: int
+    side: int
+    newline: np.ndarray
+
+    def rows(self, original_hw: tuple[int, int]) -> int:
+        """Positions an image of this (height, width) takes."""
+        return count_rows(original_hw, self.pins, self.size, self.side)
+
+    def max_rows(self) -> int:
+        """The most rows one image can take: base tile + the largest unpadded grid with newlines."""
+        return max(self.side * self.side + (h // self.size) * self.side * ((w // self.size) * self.side + 1)
+                   for h, w in self.pins)

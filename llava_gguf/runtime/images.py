@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union
 
-from ..errors import LlavaGgufError, LlavaGgufWarning, warn
+import numpy as np
+from PIL import ExifTags, Image, UnidentifiedImageError
+
+from llava_gguf.errors import LlavaGgufError, LlavaGgufWarning, warn
 
 ImageInput = Union[str, Path, bytes, Any]
 
@@ -26,7 +29,7 @@ _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}  # not mif
 def _heif_opener(what: str) -> None:
     """HEIC/HEIF (iPhone photos) through the optional `pillow-heif` (pip install 'llava-gguf[heic]')."""
     try:
-        import pillow_heif
+        import pillow_heif  # optional (the 'heic' extra), and only for HEIC files
     except ImportError:
         raise LlavaGgufError(f"{what} is a HEIC/HEIF image, which needs the optional extra 'heic'",
                              "pip install 'llava-gguf[heic]' (pillow-heif), or convert it to JPEG") from None
@@ -66,8 +69,6 @@ def _reduction(size: tuple[int, int]) -> int:
 def _pillow_warnings(what: str) -> Iterator[None]:
     """Pillow's own warnings while reading an image (a decompression-bomb size, damaged EXIF data) become
     our one-line warnings naming the image, instead of Python's multi-line warning with a source line."""
-    from PIL import Image
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
@@ -92,8 +93,6 @@ def _pillow_warnings(what: str) -> Iterator[None]:
 def _warn_large(img, what: str) -> None:
     """Pillow warns (DecompressionBombWarning) above Image.MAX_IMAGE_PIXELS and refuses above twice
     that; in between the image is decoded, at a cost worth saying."""
-    from PIL import Image
-
     w, h = img.size
     limit = Image.MAX_IMAGE_PIXELS
     if limit and w * h > limit:
@@ -130,8 +129,6 @@ _TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "T
 def _orientation(img, what: str) -> int:
     """The EXIF orientation (1: upright), read before the image is reduced (a reduced copy keeps no
     TIFF tags). Damaged EXIF data is a warning, not a failure: the pixels are still good."""
-    from PIL import ExifTags
-
     try:
         return int(img.getexif().get(ExifTags.Base.Orientation, 1) or 1)
     except Exception as e:  # noqa: BLE001 - Pillow's EXIF parser raises many types on damaged data
@@ -140,8 +137,6 @@ def _orientation(img, what: str) -> int:
 
 
 def _open_bytes(data: bytes, what: str):
-    from PIL import Image, UnidentifiedImageError
-
     if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
         _heif_opener(what)
     try:
@@ -165,8 +160,6 @@ def load_image(image: ImageInput):
     with a side of 2 * KEEP_SIDE pixels or more reduced by a whole factor (to at least KEEP_SIDE)."""
     what = ("the data: URI" if str(image).startswith("data:") else str(image)) if isinstance(image, (str, Path)) \
         else "the image bytes" if isinstance(image, (bytes, bytearray, memoryview)) else "the image"
-    from PIL import Image
-
     with _pillow_warnings(what[:200]):
         try:
             return _load_image(image, what[:200])
@@ -183,8 +176,6 @@ def load_image(image: ImageInput):
 
 
 def _load_image(image: ImageInput, what: str):
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, (bytes, bytearray, memoryview)):
@@ -212,8 +203,6 @@ def _load_image(image: ImageInput, what: str):
                 raise LlavaGgufError(f"cannot read image {path}: {e.strerror}") from None
             img = _open_bytes(data, f"{path}")
     elif hasattr(image, "__array_interface__"):
-        import numpy as np
-
         arr = np.asarray(image)
         if arr.dtype != np.uint8:
             if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..chat_template import compile_template, jinja_error_line
-from ..errors import LlavaGgufError
+from jinja2 import TemplateError
+
+from llava_gguf.errors import LlavaGgufError
+from llava_gguf.gguf.chat_template import compile_template, jinja_error_line
+from llava_gguf.runtime.sampling import check_text
 
 IMAGE_PLACEHOLDER = "<image>"
+LITERAL_IMAGE = "\ue000image\ue001"  # "<image>" the user wrote, kept apart from image slots while rendering
+ROLES = {"system": "the system prompt", "user": "the prompt", "assistant": "an assistant message"}
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,6 @@ def _raise_exception(message: str) -> None:
 
 def render(template: str, messages: list[Message], *, bos: str, eos: str, add_generation_prompt: bool = True) -> str:
     """The prompt text, with IMAGE_PLACEHOLDER where each image goes (in order)."""
-    from jinja2 import TemplateError
-
     try:
         text = compile_template(template).render(
             messages=[{"role": m.role, "content": _content(m)} for m in messages],
@@ -54,3 +57,15 @@ def render_with_images(templates: list[str], messages: list[Message], *, bos: st
                 text = text[len(bos):]  # llama.cpp adds BOS itself
             return text
     raise LlavaGgufError("no chat template places the images in the prompt")
+
+
+def render_conversation(templates: list[str], messages: list[Message], *, bos: str, eos: str, marker: str,
+                        add_generation_prompt: bool = True) -> str:
+    """The conversation's prompt text: each message's text checked (valid UTF-8), and text that happens to
+    contain "<image>" or libmtmd's `marker` kept as text (it becomes "< image>"), not an image slot."""
+    for m in messages:
+        check_text(m.text or "", ROLES.get(m.role, f"a {m.role} message"))
+    messages = [Message(m.role, (m.text or "").replace(marker, "").replace(IMAGE_PLACEHOLDER, LITERAL_IMAGE),
+                        m.n_images) for m in messages]
+    text = render_with_images(templates, messages, bos=bos, eos=eos, add_generation_prompt=add_generation_prompt)
+    return text.replace(LITERAL_IMAGE, IMAGE_PLACEHOLDER.replace("<", "< "))

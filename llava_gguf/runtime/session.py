@@ -7,15 +7,12 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ..errors import LlavaGgufError
-from ..outputs import atomic_outputs, write_error
-from .images import ImageInput, content_hash, load_image
-from .prompt import Message
-
-if TYPE_CHECKING:
-    from .model import LLaVA
+from llava_gguf.errors import LlavaGgufError
+from llava_gguf.gguf.outputs import atomic_outputs, write_error
+from llava_gguf.runtime.images import ImageInput, content_hash, load_image
+from llava_gguf.runtime.prompt import Message
 
 
 @dataclass
@@ -45,9 +42,10 @@ class Turn:
 
 
 class ChatSession:
-    """`model.chat(system=None)`: ask() questions, with images, about one conversation."""
+    """`model.chat(system=None)`: ask() questions, with images, about one conversation. `model` is the LLaVA
+    (model.py imports this module, so the type is not imported here: that would be a cycle)."""
 
-    def __init__(self, model: LLaVA, system: str | None = None, *, on_overflow: str = "error") -> None:
+    def __init__(self, model: Any, system: str | None = None, *, on_overflow: str = "error") -> None:
         if on_overflow not in ("error", "drop_oldest"):
             raise LlavaGgufError(f"on_overflow={on_overflow!r} is not 'error' or 'drop_oldest'")
         self.model = model

@@ -1,0 +1,64 @@
+"""`doctor`: what this installation runs on, established by looking, not assumed."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+import re
+from typing import Any
+
+from llava_gguf.native import library as native
+from llava_gguf.native.probe import probe_cls_fix
+from llava_gguf.settings import VERSION as __version__
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def parse_system_info(info: str) -> dict[str, dict[str, bool]]:
+    """llama_print_system_info's `CPU : AVX = 1 | ...` into {"CPU": {"AVX": True, ...}}."""
+    out: dict[str, dict[str, bool]] = {}
+    backend = None
+    for part in info.split("|"):
+        part = part.strip()
+        m = re.match(r"^(?:(\S+) : )?(\S+) = (\S+)$", part)
+        if not m:
+            continue
+        if m[1]:
+            backend = m[1]
+        out.setdefault(backend or "?", {})[m[2]] = m[3] not in ("0", "")
+    return out
+
+
+def diagnose() -> dict[str, Any]:
+    libs = native.configure()
+    lc = native.llama_cpp()
+    fixed, detail = probe_cls_fix()
+    info = lc.llama_print_system_info().decode(errors="replace")
+    features = parse_system_info(info)
+    devices = native.backend_devices()
+    gpu = bool(lc.llama_supports_gpu_offload())
+    return {
+        "llava_gguf": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "llama_cpp_python": _version("llama-cpp-python") or _version("llama_cpp_python"),
+        "gguf": _version("gguf"),
+        "transformers": _version("transformers"),
+        "torch": _version("torch"),
+        "llama_cpp_lib_path": str(libs.lib_dir),
+        "mtmd_lib_path": str(libs.mtmd_dir),
+        "mtmd_variant": libs.variant,
+        "tools_path": str(libs.tools_dir) if libs.tools_dir else None,
+        "llava_fix": fixed,
+        "llava_fix_detail": detail,
+        "gpu_offload": gpu,
+        "llm_backend": "gpu" if gpu else "cpu",
+        "vision_backend": "gpu" if gpu else "cpu",
+        "devices": devices,
+        "cpu_features": sorted(k for k, v in features.get("CPU", {}).items() if v),
+        "system_info": info.strip(),
+    }
