@@ -1,22 +1,70 @@
-"""`inspect`: what a checkpoint directory or a GGUF file holds, and what is wrong with it, as a report (a
-GGUF: gguf/inspect.py reads it; a checkpoint: what convert would write from it). The reports render in
-cli/render.py; `to_json()` is the --json form, and `inspect_path` returns it directly (tests and fuzzers
-serialise it)."""
+"""`inspect`: what a checkpoint directory or a GGUF file holds, and what is wrong with it, as a typed report
+(a GGUF: gguf/inspect.py's GGUFReport; a checkpoint: CheckpointReport, what convert would write from it).
+The reports render in cli/render.py; `to_json()` is the --json form, `inspect_path` returns it directly
+(tests and fuzzers serialise it) and `report_from_json` reads it back."""
 from __future__ import annotations
 
 import stat
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 from llava_gguf.convert import open_llava, output_names, stored_parts
 from llava_gguf.convert.mmproj import feature_layer_index
 from llava_gguf.errors import LlavaGgufError
 from llava_gguf.gguf.defects import FEATURE_LAYER_KEY
-from llava_gguf.gguf.inspect import inspect_gguf
+from llava_gguf.gguf.inspect import GGUFReport, gguf_report
 from llava_gguf.gguf.layout import file_kind
+
+
+@dataclass(frozen=True)
+class Weights:
+    format: str | None  # safetensors | bin (None: no weight file)
+    files: int
+    bytes: int  # the separate CLIP tower's included
+
+
+@dataclass(frozen=True)
+class Parameters:
+    language_model: int
+    vision_tower: int
+    projector: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TextModel:
+    layers: int
+    hidden_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    layers: int
+    hidden_size: int
+    image_size: int
+    patch_size: int
+    image_tokens: int
+    feature_layer: object  # the config's vision_feature_layer as written (an index, or a list of them)
+
+
+@dataclass(frozen=True)
+class ConvertWrites:
+    """The pair convert would write: file names, projector, and the vision blocks and feature layer the
+    mmproj would declare (JSON key FEATURE_LAYER_KEY, as in the file)."""
+
+    llm: str
+    mmproj: str
+    projector_type: str
+    vision_blocks: int
+    feature_layer: list[int]
+
+    def to_json(self) -> dict:
+        return {"llm": self.llm, "mmproj": self.mmproj, "projector_type": self.projector_type,
+                "vision_blocks": self.vision_blocks, FEATURE_LAYER_KEY: list(self.feature_layer)}
 
 
 @dataclass(frozen=True)
@@ -26,50 +74,42 @@ class CheckpointReport:
     path: str
     family: str
     layout: str
-    architecture: str | None
+    architecture: object  # config.json's architectures[0] (None when it names none)
     text_model: str
     vision_from: str  # the separate CLIP tower's directory, or "checkpoint"
-    weights: dict  # format, files, bytes (the separate tower's included)
-    dtypes: dict  # dtype -> tensor count
-    parameters: dict  # language_model, vision_tower, projector, total
-    text: dict  # layers, hidden_size, vocab_size
-    vision: dict  # layers, hidden_size, image_size, patch_size, image_tokens, feature_layer
-    convert_writes: dict  # llm, mmproj, projector_type, vision_blocks, FEATURE_LAYER_KEY
+    weights: Weights
+    dtypes: dict[str, int]  # dtype -> tensor count, sorted by dtype
+    parameters: Parameters
+    text: TextModel
+    vision: VisionTower
+    convert_writes: ConvertWrites
     defects: tuple = ()  # a checkpoint convert can open has none it would carry into the files
 
     kind = "checkpoint"
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "defects"},
-                "defects": list(self.defects)}
+        return {"kind": self.kind, "path": self.path, "family": self.family, "layout": self.layout,
+                "architecture": self.architecture, "text_model": self.text_model, "vision_from": self.vision_from,
+                "weights": asdict(self.weights), "dtypes": dict(self.dtypes), "parameters": asdict(self.parameters),
+                "text": asdict(self.text), "vision": asdict(self.vision),
+                "convert_writes": self.convert_writes.to_json(), "defects": list(self.defects)}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> CheckpointReport:
+        c = d["convert_writes"]
+        return cls(d["path"], d["family"], d["layout"], d["architecture"], d["text_model"], d["vision_from"],
+                   Weights(**d["weights"]), dict(d["dtypes"]), Parameters(**d["parameters"]), TextModel(**d["text"]),
+                   VisionTower(**d["vision"]),
+                   ConvertWrites(c["llm"], c["mmproj"], c["projector_type"], c["vision_blocks"], c[FEATURE_LAYER_KEY]),
+                   tuple(d["defects"]))
 
 
-@dataclass(frozen=True)
-class GgufReport:
-    """An LLM or mmproj GGUF as gguf/inspect.py reports it: its metadata as stored plus derived fields, whose
-    keys depend on the file's role, and its defects (dicts: code, message, repairable)."""
-
-    data: Mapping[str, Any]
-
-    kind = "gguf"
-
-    @property
-    def path(self) -> str:
-        return self.data["path"]
-
-    @property
-    def role(self) -> str:
-        return self.data["role"]
-
-    @property
-    def defects(self) -> list[dict]:
-        return self.data["defects"]
-
-    def to_json(self) -> dict:
-        return dict(self.data)
+InspectReport = Union[CheckpointReport, GGUFReport]
 
 
-InspectReport = Union[CheckpointReport, GgufReport]
+def report_from_json(d: Mapping) -> InspectReport:
+    """A report back from its --json form (`inspect_path`'s), by its "kind"."""
+    return CheckpointReport.from_json(d) if d["kind"] == CheckpointReport.kind else GGUFReport.from_dict(d)
 
 
 def inspect_report(path: Path | str, clip: Path | str | None = None) -> InspectReport:
@@ -85,7 +125,7 @@ def inspect_report(path: Path | str, clip: Path | str | None = None) -> InspectR
     if not stat.S_ISREG(mode):  # never open a FIFO (it blocks) or read a device
         raise LlavaGgufError(f"{path} is not a regular file ({file_kind(mode)})",
                              "give a checkpoint directory or a .gguf file")
-    return GgufReport(inspect_gguf(path))
+    return gguf_report(path)
 
 
 def inspect_path(path: Path | str, clip: Path | str | None = None) -> dict:
@@ -112,8 +152,7 @@ def inspect_checkpoint(src: Path, clip: Path | str | None = None) -> CheckpointR
     feature = feature_layer_index(root, n_layers)
     size, patch = int(vision_hp["image_size"]), int(vision_hp["patch_size"])
     llm_name, mm_name = output_names(src.resolve().name, "f16", "f16")
-    params = {"language_model": _count(text), "vision_tower": _count(vision), "projector": _count(proj)}
-    params["total"] = sum(params.values())
+    n_text, n_vision, n_proj = _count(text), _count(vision), _count(proj)
     archs = ck.config.get("architectures") or []
     return CheckpointReport(
         path=str(src),
@@ -122,15 +161,12 @@ def inspect_checkpoint(src: Path, clip: Path | str | None = None) -> CheckpointR
         architecture=archs[0] if isinstance(archs, list) and archs else archs,
         text_model=text_hp["model_type"],
         vision_from=str(source.clip) if source.clip else "checkpoint",
-        weights={"format": ck.weight_files[0].suffix.lstrip(".") if ck.weight_files else None,
-                 "files": len(ck.weight_files), "bytes": ck.total_bytes},
+        weights=Weights(ck.weight_files[0].suffix.lstrip(".") if ck.weight_files else None, len(ck.weight_files),
+                        ck.total_bytes),
         dtypes=dict(sorted(Counter(r.dtype for r in ck.tensors.values()).items())),
-        parameters=params,
-        text={"layers": int(text_hp["num_hidden_layers"]), "hidden_size": int(text_hp["hidden_size"]),
-              "vocab_size": int(text_hp["vocab_size"])},
-        vision={"layers": n_layers, "hidden_size": int(vision_hp["hidden_size"]), "image_size": size,
-                "patch_size": patch, "image_tokens": (size // patch) ** 2,
-                "feature_layer": root.get("vision_feature_layer", -2)},
-        convert_writes={"llm": llm_name, "mmproj": mm_name, "projector_type": family.projector_type,
-                        "vision_blocks": feature, FEATURE_LAYER_KEY: [feature]},
+        parameters=Parameters(n_text, n_vision, n_proj, n_text + n_vision + n_proj),
+        text=TextModel(int(text_hp["num_hidden_layers"]), int(text_hp["hidden_size"]), int(text_hp["vocab_size"])),
+        vision=VisionTower(n_layers, int(vision_hp["hidden_size"]), size, patch, (size // patch) ** 2,
+                           root.get("vision_feature_layer", -2)),
+        convert_writes=ConvertWrites(llm_name, mm_name, family.projector_type, feature, [feature]),
     )

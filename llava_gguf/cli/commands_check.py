@@ -80,4 +80,4 @@ def verify_cmd(
 def doctor(json_out: bool = typer.Option(False, "--json", help="one JSON line")) -> None:
     """Versions, the native libraries in use, whether libmtmd carries the LLaVA fix, CPU features."""
     report = diagnose()
-    show(json_out, report, dict, doctor_lines)
+    show(json_out, report, to_json, doctor_lines)

@@ -7,17 +7,19 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import TypeVar
 
 import typer
 
-from llava_gguf.checks.inspect import CheckpointReport, GgufReport, InspectReport
+from llava_gguf.checks.inspect import CheckpointReport, InspectReport, report_from_json
 from llava_gguf.checks.quality import QualityReport
 from llava_gguf.checks.verify import VerifyReport
 from llava_gguf.convert import ConvertResult
-from llava_gguf.gguf.defects import FEATURE_LAYER_KEY
+from llava_gguf.gguf.inspect import GGUFReport, LlmFacts, MmprojFacts
 from llava_gguf.gguf.repair import RepairResult
+from llava_gguf.native.doctor import DoctorReport
 from llava_gguf.quantize import QuantizeResult, QuantType
 from llava_gguf.runtime.imatrix import ImatrixResult
 from llava_gguf.runtime.generate import EvalStats
@@ -39,7 +41,7 @@ def show(json_out: bool, report: R, as_json: Callable[[R], Mapping], as_lines: C
         echo_lines(as_lines(report))
 
 
-def to_json(report: InspectReport | QualityReport | VerifyReport) -> dict:
+def to_json(report: InspectReport | QualityReport | VerifyReport | DoctorReport) -> dict:
     """The --json form of a report that defines its own."""
     return report.to_json()
 
@@ -127,58 +129,69 @@ def verify_lines(r: VerifyReport) -> list[str]:
 
 def inspect_lines(report: InspectReport | Mapping) -> list[str]:
     """A checkpoint's or a GGUF's report (or its JSON form, as `inspect_path` returns it) as text."""
-    r = report.to_json() if isinstance(report, (CheckpointReport, GgufReport)) else report
-    if r["kind"] == "checkpoint":
+    r = report_from_json(report) if isinstance(report, Mapping) else report
+    if isinstance(r, CheckpointReport):
         return _checkpoint_lines(r)
-    types = ", ".join(f"{k} x{v}" for k, v in r["tensor_types"].items())
-    lines = [f"{r['path']}: {r['role']} GGUF ({r['architecture']}), {r['bytes'] / 1e6:.1f} MB, "
-             f"{r['tensors']} tensors, {r['parameters'] / 1e6:.1f} M parameters, file type {r['file_type']}",
+    return _gguf_lines(r)
+
+
+def _gguf_lines(r: GGUFReport) -> list[str]:
+    types = ", ".join(f"{k} x{v}" for k, v in r.tensor_types.items())
+    lines = [f"{r.path}: {r.role} GGUF ({r.architecture}), {r.bytes / 1e6:.1f} MB, "
+             f"{r.tensors} tensors, {r.parameters / 1e6:.1f} M parameters, file type {r.file_type}",
              f"tensor types  {types}"]
-    if r["role"] == "mmproj":
-        lines.append(f"projector     {r['projector_type']}, {r['image_size']} px / {r['patch_size']} -> "
-                     f"{r['image_tokens']} image tokens{' (anyres)' if r['anyres'] else ''}")
-        lines.append(f"vision layers {r['stored_blocks']} stored, block_count {r['block_count']}, "
-                     f"feature layer {r['feature_layer'] if r['feature_layer'] else 'not set'}, "
-                     f"libmtmd runs {r['layers_run']}")
+    f = r.facts
+    if isinstance(f, MmprojFacts):
+        lines.append(f"projector     {f.projector_type}, {f.image_size} px / {f.patch_size} -> "
+                     f"{f.image_tokens} image tokens{' (anyres)' if f.anyres else ''}")
+        lines.append(f"vision layers {f.stored_blocks} stored, block_count {f.block_count}, "
+                     f"feature layer {f.feature_layer if f.feature_layer else 'not set'}, "
+                     f"libmtmd runs {f.layers_run}")
     else:
-        lines.append(f"model         {r['block_count']} layers, width {r['embedding_length']}, "
-                     f"{r['head_count']} heads ({r['head_count_kv']} kv), vocab {r['vocab_size']} "
-                     f"({r['tokenizer']}), context {r['context_length']}")
-        lines.append(f"chat template {'yes' if r['chat_template'] else 'no (chat uses the family default)'}")
-    if not r["defects"]:
+        lines.extend(_llm_lines(f))
+    if not r.defects:
         lines.append("defects       none found")
-    for d in r["defects"]:
-        fix = "`llava-gguf repair` fixes it" if d["repairable"] else "not repairable: convert again"
-        lines.append(f"DEFECT {d['code']}: {d['message']} ({fix})")
+    for d in r.defects:
+        fix = "`llava-gguf repair` fixes it" if d.repairable else "not repairable: convert again"
+        lines.append(f"DEFECT {d.code}: {d.message} ({fix})")
     return lines
 
 
-def _checkpoint_lines(r: Mapping) -> list[str]:
-    p, w, v, c = r["parameters"], r["weights"], r["vision"], r["convert_writes"]
+def _llm_lines(f: LlmFacts) -> list[str]:
+    return [f"model         {f.block_count} layers, width {f.embedding_length}, {f.head_count} heads "
+            f"({f.head_count_kv} kv), vocab {f.vocab_size} ({f.tokenizer}), context {f.context_length}",
+            f"chat template {'yes' if f.chat_template else 'no (chat uses the family default)'}"]
+
+
+def _checkpoint_lines(r: CheckpointReport) -> list[str]:
+    p, w, v, c = r.parameters, r.weights, r.vision, r.convert_writes
     return [
-        f"{r['path']}: {r['family']} checkpoint ({r['architecture']}, {r['layout']} layout, "
-        f"{r['text_model']} text model)",
-        f"weights     {w['files']} {w['format']} file(s), {w['bytes'] / 1e9:.2f} GB, dtypes "
-        + ", ".join(f"{k} x{n}" for k, n in r["dtypes"].items()),
-        f"parameters  {p['total'] / 1e6:.1f} M (language model {p['language_model'] / 1e6:.1f} M, vision tower "
-        f"{p['vision_tower'] / 1e6:.1f} M, projector {p['projector'] / 1e6:.1f} M)",
-        f"vision      {v['layers']} layers, {v['image_size']} px / {v['patch_size']} -> {v['image_tokens']} image "
-        f"tokens, feature layer {v['feature_layer']}",
-        f"convert     -> {c['llm']} + {c['mmproj']} ({c['vision_blocks']} vision blocks, feature layer "
-        f"{c[FEATURE_LAYER_KEY]})",
+        f"{r.path}: {r.family} checkpoint ({r.architecture}, {r.layout} layout, {r.text_model} text model)",
+        f"weights     {w.files} {w.format} file(s), {w.bytes / 1e9:.2f} GB, dtypes "
+        + ", ".join(f"{k} x{n}" for k, n in r.dtypes.items()),
+        f"parameters  {p.total / 1e6:.1f} M (language model {p.language_model / 1e6:.1f} M, vision tower "
+        f"{p.vision_tower / 1e6:.1f} M, projector {p.projector / 1e6:.1f} M)",
+        f"vision      {v.layers} layers, {v.image_size} px / {v.patch_size} -> {v.image_tokens} image "
+        f"tokens, feature layer {v.feature_layer}",
+        f"convert     -> {c.llm} + {c.mmproj} ({c.vision_blocks} vision blocks, feature layer "
+        f"{c.feature_layer})",
     ]
 
 
-def doctor_lines(report: Mapping) -> list[str]:
-    """native/doctor.py's report, one `key  value` line each (the full system_info only in --json)."""
+def doctor_lines(r: DoctorReport) -> list[str]:
+    """native/doctor.py's report, one `field  value` line each in field order (the full system_info only in
+    --json)."""
     lines = []
-    for key, value in report.items():
+    for key in (f.name for f in fields(r)):
+        value = getattr(r, key)
         if key == "system_info":
             continue
         if key == "llava_fix":
             value = "yes" if value else "NO (image features will not match the reference)"
-        if isinstance(value, list):
-            value = ", ".join(v if isinstance(v, str) else f"{v['name']} ({v['type']})" for v in value)
+        elif key == "devices":
+            value = ", ".join(f"{d.name} ({d.type})" for d in r.devices)
+        elif key == "cpu_features":
+            value = ", ".join(r.cpu_features)
         lines.append(f"{key:20} {value}")
     return lines
 

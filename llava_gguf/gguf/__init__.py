@@ -12,7 +12,7 @@
     mmproj_defects.py  what makes libmtmd refuse, abort on or miscompute an mmproj
     vocab_defects.py   duplicate tokens (vectorised over the header bytes) and an unusable chat template
     defects.py         the load gate: every defect of a file, require_loadable
-    inspect.py         GGUFReport, the typed `inspect` report (to_dict() is its JSON)
+    inspect.py         GGUFReport, the typed `inspect` report (to_json() is its JSON)
     repair.py          rewriting an mmproj's repairable defects
     chat_template.py   the one Jinja environment templates are compiled in
     outputs.py         atomic, exclusive outputs (OutputSet, atomic_outputs)

@@ -2,11 +2,13 @@
 llama.cpp's gguf.cpp reads it (a file it cannot parse is a one-line error, naming truncation when that is
 the cause); then every condition that makes llama.cpp (LLM) or libmtmd (mmproj: tools/mtmd/clip.cpp and
 models/llava.cpp) refuse the file, abort, or compute something else is a Defect, each saying whether
-`repair` can fix it. `to_dict()` is `inspect --json`'s shape. See shared/llava-upstream-defects.md."""
+`repair` can fix it. `to_json()` (also `to_dict()`) is `inspect --json`'s shape, and `from_dict` reads
+it back. See shared/llava-upstream-defects.md."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import gguf
@@ -18,7 +20,7 @@ from llava_gguf.gguf.layout import Defect
 from llava_gguf.gguf.mmproj_defects import FEATURE_LAYER_KEY, mmproj_layers
 from llava_gguf.gguf.vocab_defects import chat_template_defects
 
-__all__ = ["FEATURE_LAYER_KEY", "GGUFReport", "LlmFacts", "MmprojFacts", "gguf_report", "inspect_gguf"]
+__all__ = ["FEATURE_LAYER_KEY", "GGUFReport", "LlmFacts", "MmprojFacts", "gguf_report"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,21 @@ class GGUFReport:
                 "parameters": self.parameters, "tensor_types": self.tensor_types, "file_type": self.file_type,
                 **asdict(self.facts), "defects": [asdict(d) for d in self.defects], "metadata": self.metadata}
 
+    def to_json(self) -> dict:
+        """The --json form, under the name every report gives it (cli/render.py)."""
+        return self.to_dict()
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> GGUFReport:
+        """The report back from its JSON form (what `inspect_path` returns and fuzzers render): the facts of
+        its role from their keys; a missing name or metadata (a hand-written report) reads as None / {}."""
+        facts_type = MmprojFacts if d["role"] == "mmproj" else LlmFacts
+        facts = facts_type(**{f.name: d[f.name] for f in fields(facts_type)})
+        return cls(Path(d["path"]), d["bytes"], d["role"], d["architecture"], d.get("name"), d["tensors"],
+                   d["parameters"], dict(d["tensor_types"]), d["file_type"], facts,
+                   tuple(Defect(x["code"], x["message"], x["repairable"]) for x in d["defects"]),
+                   dict(d.get("metadata", {})))
+
 
 def _file_type(value) -> str | None:
     if not isinstance(value, int):
@@ -114,7 +131,3 @@ def gguf_report(path: Path | str) -> GGUFReport:
                       dict(sorted(Counter(t.type_name for t in layout.tensors).items())),
                       _file_type(meta.get("general.file_type")), facts, tuple(defects), meta)
 
-
-def inspect_gguf(path: Path | str) -> dict:
-    """`gguf_report(path).to_dict()`: the shape checks/inspect.py and the CLI read today."""
-    return gguf_report(path).to_dict()

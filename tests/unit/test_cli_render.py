@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from llava_gguf.checks.inspect import CheckpointReport, GgufReport
+from llava_gguf.checks.inspect import (CheckpointReport, ConvertWrites, Parameters, TextModel, VisionTower, Weights,
+                                       report_from_json)
 from llava_gguf.checks.quality import QualityReport
 from llava_gguf.checks.verify import VerifyReport
 from llava_gguf.cli import render
 from llava_gguf.convert import ConvertResult
+from llava_gguf.gguf.inspect import GGUFReport, LlmFacts, MmprojFacts
+from llava_gguf.gguf.layout import Defect
 from llava_gguf.gguf.repair import RepairResult
+from llava_gguf.native.doctor import Device, DoctorReport
 from llava_gguf.quantize import QUANT_TYPES, QuantizeResult
 from llava_gguf.runtime.imatrix import ImatrixResult
 from llava_gguf.runtime.generate import EvalStats
@@ -88,13 +92,10 @@ def test_verify_pass_and_fail():
 
 CHECKPOINT = CheckpointReport(
     path="ck", family="llava-1.5", layout="transformers-5", architecture="LlavaForConditionalGeneration",
-    text_model="llama", vision_from="checkpoint", weights={"format": "safetensors", "files": 1, "bytes": 7918848},
-    dtypes={"F32": 80}, parameters={"language_model": 1705216, "vision_tower": 192064, "projector": 82432,
-                                    "total": 1979712},
-    text={"layers": 2, "hidden_size": 256, "vocab_size": 1024},
-    vision={"layers": 3, "hidden_size": 64, "image_size": 112, "patch_size": 14, "image_tokens": 64, "feature_layer": -2},
-    convert_writes={"llm": "ck-F16.gguf", "mmproj": "mmproj-ck-F16.gguf", "projector_type": "mlp", "vision_blocks": 2,
-                    "clip.vision.feature_layer": [2]})
+    text_model="llama", vision_from="checkpoint", weights=Weights("safetensors", 1, 7918848),
+    dtypes={"F32": 80}, parameters=Parameters(1705216, 192064, 82432, 1979712), text=TextModel(2, 256, 1024),
+    vision=VisionTower(3, 64, 112, 14, 64, -2),
+    convert_writes=ConvertWrites("ck-F16.gguf", "mmproj-ck-F16.gguf", "mlp", 2, [2]))
 
 
 def test_inspect_checkpoint():
@@ -104,50 +105,113 @@ def test_inspect_checkpoint():
         "parameters  2.0 M (language model 1.7 M, vision tower 0.2 M, projector 0.1 M)",
         "vision      3 layers, 112 px / 14 -> 64 image tokens, feature layer -2",
         "convert     -> ck-F16.gguf + mmproj-ck-F16.gguf (2 vision blocks, feature layer [2])"]
-    as_json = CHECKPOINT.to_json()
+    as_json = render.to_json(CHECKPOINT)
+    assert as_json == {
+        "kind": "checkpoint", "path": "ck", "family": "llava-1.5", "layout": "transformers-5",
+        "architecture": "LlavaForConditionalGeneration", "text_model": "llama", "vision_from": "checkpoint",
+        "weights": {"format": "safetensors", "files": 1, "bytes": 7918848}, "dtypes": {"F32": 80},
+        "parameters": {"language_model": 1705216, "vision_tower": 192064, "projector": 82432, "total": 1979712},
+        "text": {"layers": 2, "hidden_size": 256, "vocab_size": 1024},
+        "vision": {"layers": 3, "hidden_size": 64, "image_size": 112, "patch_size": 14, "image_tokens": 64,
+                   "feature_layer": -2},
+        "convert_writes": {"llm": "ck-F16.gguf", "mmproj": "mmproj-ck-F16.gguf", "projector_type": "mlp",
+                           "vision_blocks": 2, "clip.vision.feature_layer": [2]},
+        "defects": []}
     assert list(as_json) == ["kind", "path", "family", "layout", "architecture", "text_model", "vision_from", "weights",
                              "dtypes", "parameters", "text", "vision", "convert_writes", "defects"]
-    assert as_json["kind"] == "checkpoint" and as_json["defects"] == []
-    assert render.inspect_lines(as_json) == render.inspect_lines(CHECKPOINT)  # the JSON form renders the same
+    assert report_from_json(as_json) == CHECKPOINT  # the JSON form reads back, and renders the same
+    assert render.inspect_lines(as_json) == render.inspect_lines(CHECKPOINT)
 
 
-MMPROJ = {"kind": "gguf", "path": "mm.gguf", "bytes": 464832, "role": "mmproj", "architecture": "clip", "name": "t",
-          "tensors": 41, "parameters": 224384, "tensor_types": {"F16": 15, "F32": 26}, "file_type": "F16",
-          "projector_type": "mlp", "image_size": 112, "patch_size": 14, "image_tokens": 64, "projection_dim": 256,
-          "anyres": False, "stored_blocks": 2, "block_count": 2, "feature_layer": None, "layers_run": 2,
-          "defects": [{"code": "feature-layer", "message": "no feature layer", "repairable": True},
-                      {"code": "truncated", "message": "cut", "repairable": False}],
-          "metadata": {"general.architecture": "clip"}}
+MMPROJ = GGUFReport(
+    Path("mm.gguf"), 464832, "mmproj", "clip", "t", 41, 224384, {"F16": 15, "F32": 26}, "F16",
+    MmprojFacts("mlp", 112, 14, 64, 256, False, 2, 2, None, 2),
+    (Defect("feature-layer", "no feature layer", True), Defect("truncated", "cut", False)),
+    {"general.architecture": "clip"})
+
+MMPROJ_JSON = {
+    "kind": "gguf", "path": "mm.gguf", "bytes": 464832, "role": "mmproj", "architecture": "clip", "name": "t",
+    "tensors": 41, "parameters": 224384, "tensor_types": {"F16": 15, "F32": 26}, "file_type": "F16",
+    "projector_type": "mlp", "image_size": 112, "patch_size": 14, "image_tokens": 64, "projection_dim": 256,
+    "anyres": False, "stored_blocks": 2, "block_count": 2, "feature_layer": None, "layers_run": 2,
+    "defects": [{"code": "feature-layer", "message": "no feature layer", "repairable": True},
+                {"code": "truncated", "message": "cut", "repairable": False}],
+    "metadata": {"general.architecture": "clip"}}
 
 
 def test_inspect_gguf():
-    report = GgufReport(MMPROJ)
-    assert report.to_json() == MMPROJ and report.role == "mmproj" and len(report.defects) == 2
-    assert render.inspect_lines(report) == [
+    assert render.to_json(MMPROJ) == MMPROJ_JSON and list(render.to_json(MMPROJ)) == list(MMPROJ_JSON)
+    assert json.dumps(render.to_json(MMPROJ)) == json.dumps(MMPROJ_JSON)  # the key order is the contract too
+    assert report_from_json(MMPROJ_JSON) == MMPROJ and not MMPROJ.repairable
+    lines = [
         "mm.gguf: mmproj GGUF (clip), 0.5 MB, 41 tensors, 0.2 M parameters, file type F16",
         "tensor types  F16 x15, F32 x26",
         "projector     mlp, 112 px / 14 -> 64 image tokens",
         "vision layers 2 stored, block_count 2, feature layer not set, libmtmd runs 2",
         "DEFECT feature-layer: no feature layer (`llava-gguf repair` fixes it)",
         "DEFECT truncated: cut (not repairable: convert again)"]
-    llm = {"kind": "gguf", "path": "m.gguf", "bytes": 3436640, "role": "llm", "architecture": "llama", "tensors": 21,
-           "parameters": 1705216, "tensor_types": {"F16": 16, "F32": 5}, "file_type": "F16", "block_count": 2,
-           "embedding_length": 256, "context_length": 4096, "head_count": 4, "head_count_kv": 2, "vocab_size": 1024,
-           "tokenizer": "llama", "chat_template": False, "defects": []}
-    assert render.inspect_lines(GgufReport(llm))[2:] == [
+    assert render.inspect_lines(MMPROJ) == lines and render.inspect_lines(MMPROJ_JSON) == lines
+    anyres = GGUFReport(Path("a.gguf"), 1, "mmproj", "clip", None, 1, 1, {}, None,
+                        MmprojFacts("mlp", 336, 14, 576, 4096, True, 23, 23, [23], 23), (), {})
+    assert render.inspect_lines(anyres)[2:] == [
+        "projector     mlp, 336 px / 14 -> 576 image tokens (anyres)",
+        "vision layers 23 stored, block_count 23, feature layer [23], libmtmd runs 23",
+        "defects       none found"]
+    llm = GGUFReport(Path("m.gguf"), 3436640, "llm", "llama", None, 21, 1705216, {"F16": 16, "F32": 5}, "F16",
+                     LlmFacts(2, 256, 4096, 4, 2, 1024, "llama", False), (), {})
+    assert render.inspect_lines(llm)[2:] == [
         "model         2 layers, width 256, 4 heads (2 kv), vocab 1024 (llama), context 4096",
         "chat template no (chat uses the family default)",
         "defects       none found"]
+    llm_json = render.to_json(llm)
+    assert list(llm_json)[10:18] == ["block_count", "embedding_length", "context_length", "head_count",
+                                     "head_count_kv", "vocab_size", "tokenizer", "chat_template"]
+    assert report_from_json(llm_json) == llm and render.inspect_lines(llm_json) == render.inspect_lines(llm)
 
 
-def test_doctor_and_chat(capsys):
-    report = {"llava_gguf": "0.1.0", "llava_fix": False, "devices": [{"name": "CPU", "type": "cpu"}],
-              "cpu_features": ["AVX2", "FMA"], "system_info": "long"}
-    assert render.doctor_lines(report) == [
+DOCTOR = DoctorReport(
+    llava_gguf="0.1.0", python="3.11.7", platform="Linux", llama_cpp_python="0.3.36", gguf="0.19.0",
+    transformers=None, torch=None, llama_cpp_lib_path="/lib", mtmd_lib_path="/lib/stock", mtmd_variant="stock",
+    tools_path=None, llava_fix=False, llava_fix_detail="CLS last", gpu_offload=False, llm_backend="cpu",
+    vision_backend="cpu", devices=(Device("CPU", "AMD EPYC", "cpu"), Device("CUDA0", "A100", "gpu")),
+    cpu_features=("AVX2", "FMA"), system_info="CPU : AVX2 = 1 | FMA = 1 |")
+
+
+def test_doctor():
+    assert render.doctor_lines(DOCTOR) == [
         "llava_gguf           0.1.0",
+        "python               3.11.7",
+        "platform             Linux",
+        "llama_cpp_python     0.3.36",
+        "gguf                 0.19.0",
+        "transformers         None",
+        "torch                None",
+        "llama_cpp_lib_path   /lib",
+        "mtmd_lib_path        /lib/stock",
+        "mtmd_variant         stock",
+        "tools_path           None",
         "llava_fix            NO (image features will not match the reference)",
-        "devices              CPU (cpu)",
+        "llava_fix_detail     CLS last",
+        "gpu_offload          False",
+        "llm_backend          cpu",
+        "vision_backend       cpu",
+        "devices              CPU (cpu), CUDA0 (gpu)",
         "cpu_features         AVX2, FMA"]
+    as_json = render.to_json(DOCTOR)
+    assert list(as_json) == ["llava_gguf", "python", "platform", "llama_cpp_python", "gguf", "transformers", "torch",
+                             "llama_cpp_lib_path", "mtmd_lib_path", "mtmd_variant", "tools_path", "llava_fix",
+                             "llava_fix_detail", "gpu_offload", "llm_backend", "vision_backend", "devices",
+                             "cpu_features", "system_info"]
+    assert as_json["devices"] == [{"name": "CPU", "description": "AMD EPYC", "type": "cpu"},
+                                  {"name": "CUDA0", "description": "A100", "type": "gpu"}]
+    assert as_json["cpu_features"] == ["AVX2", "FMA"] and as_json["system_info"] == "CPU : AVX2 = 1 | FMA = 1 |"
+    fixed = DoctorReport(**{**{f: getattr(DOCTOR, f) for f in as_json}, "llava_fix": True})
+    assert render.doctor_lines(fixed)[11] == "llava_fix            yes"
+    with pytest.raises(AttributeError):  # reports are frozen
+        DOCTOR.llava_fix = True
+
+
+def test_show_and_chat(capsys):
     st = EvalStats(prompt_tokens=20, reused_tokens=4, evaluated_tokens=16, images_encoded=1, generated_tokens=5,
                    prompt_seconds=0.5, first_token_seconds=0.6, generate_seconds=0.4)
     assert render.chat_json(" hi \n", st) == {
@@ -158,8 +222,10 @@ def test_doctor_and_chat(capsys):
     render.show(True, st, lambda s: render.chat_json("x", s), lambda s: pytest.fail("the text form was built"))
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and json.loads(out)["text"] == "x"  # one JSON line
-    render.show(False, report, dict, render.doctor_lines)
-    assert capsys.readouterr().out.splitlines()[1].startswith("llava_fix ")
+    render.show(False, DOCTOR, render.to_json, render.doctor_lines)
+    assert capsys.readouterr().out.splitlines()[11].startswith("llava_fix ")
+    render.show(True, DOCTOR, render.to_json, lambda r: pytest.fail("the text form was built"))
+    assert json.loads(capsys.readouterr().out) == render.to_json(DOCTOR)
 
 
 def test_quant_type_list():
