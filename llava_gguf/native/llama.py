@@ -248,6 +248,7 @@ class Perf:
     t_p_eval_ms: float
     n_eval: int
     t_eval_ms: float
+    t_load_ms: float = 0.0  # the model's load, as llama.cpp counts it (what llama-mtmd-cli prints as load time)
 
     @property
     def eval_tokens_per_second(self) -> float:
@@ -256,7 +257,7 @@ class Perf:
 
 def _perf(ctx_handle) -> Perf:
     d = _lc().llama_perf_context(ctx_handle)
-    return Perf(int(d.n_p_eval), float(d.t_p_eval_ms), int(d.n_eval), float(d.t_eval_ms))
+    return Perf(int(d.n_p_eval), float(d.t_p_eval_ms), int(d.n_eval), float(d.t_eval_ms), float(d.t_load_ms))
 
 
 def stock_perf(llm, reset: bool = False) -> Perf:
