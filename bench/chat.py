@@ -141,7 +141,7 @@ def run_mtmd_cli(tool: Path, llm: Path, mmproj: Path, image: Path, tokens: int) 
                 "{{ m['content'] | replace('<__media__>', '<__media__>\n') }} ASSISTANT:{%- endif -%}{%- endfor -%}")
     cmd = [str(tool), "-m", str(llm), "--mmproj", str(mmproj), "--image", str(image), "-p", PROMPT, "--temp", "0",
            "-n", str(tokens), "--jinja", "--chat-template", template, "-t", "2", "-c", "2048", "--ignore-eos",
-           "--perf", "-lv", "4"]
+           "--perf", "-lv", "4", "--log-timestamps"]
     with tempfile.NamedTemporaryFile("r", suffix=".log", delete=False) as log:
         quoted = " ".join("'" + c.replace("'", "'\\''") + "'" for c in cmd)
         wall, rss, rc, _ = peak_rss_run(["bash", "-c", f"{quoted} > /dev/null 2> {log.name}"])
@@ -153,6 +153,10 @@ def run_mtmd_cli(tool: Path, llm: Path, mmproj: Path, image: Path, tokens: int) 
         return sum(float(x) for x in found) / 1000 if found else float("nan")
 
     load = ms(r"llama_perf_context_print:\s+load time =\s+([\d.]+) ms")
+    # ready: the log line mtmd-cli prints once its model, context (with its warm-up run) and libmtmd are
+    # set up; --log-timestamps prefixes minutes.seconds.milliseconds.microseconds since its start
+    stamp = re.search(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) I main: loading model", text, re.M)
+    ready = (int(stamp[1]) * 60 + int(stamp[2]) + int(stamp[3]) / 1e3) if stamp else float("nan")
     if rc != 0 or load != load:
         sys.exit(f"llama-mtmd-cli failed (exit {rc}): {text[-500:]}")
     encode = ms(r"image slice encoded in (\d+) ms")
@@ -161,7 +165,7 @@ def run_mtmd_cli(tool: Path, llm: Path, mmproj: Path, image: Path, tokens: int) 
     prompt = ms(r"prompt eval time =\s+([\d.]+) ms")
     m = re.search(r"\seval time =\s+[\d.]+ ms /\s+\d+ runs.*?([\d.]+) tokens per second", text)
     tok_s = float(m.group(1)) if m else float("nan")
-    return {"load": float("nan"), "model_load": load, "first": {"ttft": encode + prompt, "tok_s": float("nan"), "tok_s_counter": tok_s}}, wall, rss
+    return {"load": ready, "model_load": load, "first": {"ttft": encode + prompt, "tok_s": float("nan"), "tok_s_counter": tok_s}}, wall, rss
 
 
 def main() -> None:
@@ -222,8 +226,9 @@ def main() -> None:
             f"pieces, learnt from English prose (bench/convert.py), so a question takes about as many tokens as "
             f"with LLaVA's own.\n\n{table}\n\n"
             f"Ready: from the process's start to a model that takes questions (imports, file checks, model, "
-            f"context with its KV cache, and for ours libmtmd's context too; the stock handler creates libmtmd's on its first "
-            f"request); model load: llama.cpp's own counter (`llama_perf_context` t_load), the figure llama-mtmd-cli "
+            f"context with its KV cache, and for ours and llama-mtmd-cli libmtmd's context too — llama-mtmd-cli also "
+            f"runs a warm-up decode; its figure is from its --log-timestamps log; the stock handler creates libmtmd's "
+            f"on its first request); model load: llama.cpp's own counter (`llama_perf_context` t_load), the figure llama-mtmd-cli "
             f"prints as its load time.\n\n"
             f"Follow-up: ours decoded {ours['follow']['evaluated']} new positions and encoded "
             f"{ours['follow']['images_encoded']} images (the stock handler clears its cache and encodes the image "
