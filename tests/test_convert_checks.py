@@ -231,7 +231,8 @@ def test_config_inconsistent_with_llama_cpp_is_refused(base, tmp_path, changes, 
 def test_one_element_feature_layer_list_is_that_layer(tiny, tmp_path, layer, index):
     """transformers concatenates the hidden states of the listed layers: one layer is that layer."""
     from llava_gguf import LLaVA
-    from llava_gguf.checks.reference import image_features, load_hf_model, mean_cosine, pixel_values
+    from llava_gguf.checks.metrics import mean_cosine
+    from llava_gguf.checks.reference import image_features, load_hf_model, pixel_values
     from devkit.tiny import sample_image
 
     ckpt = _copy(tiny(), tmp_path / "ckpt")

@@ -8,7 +8,9 @@ import shutil
 
 import gguf
 
-from llava_gguf.checks.reference import image_features, load_hf_model, mean_cosine, pixel_values
+from llava_gguf.checks.metrics import mean_cosine
+
+from llava_gguf.checks.reference import image_features, load_hf_model, pixel_values
 from devkit.tiny import sample_image
 
 from support import run_cli

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from support import run_cli
-from llava_gguf.checks.reference import mean_cosine
+from llava_gguf.checks.metrics import mean_cosine
 from devkit.tiny import make_tiny_liuhaotian, sample_image
 from support import assert_clean_failure
 from support import hf_reference, ours

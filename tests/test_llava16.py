@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llava_gguf import LLaVA
-from llava_gguf.checks.reference import mean_cosine
+from llava_gguf.checks.metrics import mean_cosine
 from support import assert_clean_failure, crop_image, hf_greedy, hf_next, hf_rows, ours_greedy, prompt_ids, run_cli
 
 N_GREEDY = 8

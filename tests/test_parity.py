@@ -11,7 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from llava_gguf.checks.reference import image_features, load_hf_model, mean_cosine, pixel_values
+from llava_gguf.checks.metrics import mean_cosine
+
+from llava_gguf.checks.reference import image_features, load_hf_model, pixel_values
 from devkit.tiny import LAYOUT_NAMES, sample_image
 from support import hf_reference, ours
 
@@ -53,7 +55,7 @@ def test_stock_libmtmd_shows_the_defect(tiny, converted):
     code = (
         "import json, sys, numpy as np\n"
         "from llava_gguf import LLaVA\n"
-        "from llava_gguf.checks.reference import mean_cosine\n"
+        "from llava_gguf.checks.metrics import mean_cosine\n"
         "from llava_gguf.checks.samples import sample_image\n"
         f"m = LLaVA({str(llm)!r}, {str(mmproj)!r})\n"
         "e = m.embed_image(sample_image(112, seed=3))\n"

@@ -77,7 +77,7 @@ def test_mmproj_quantization(tiny, converted, tmp_path):
     import numpy as np
 
     from llava_gguf import LLaVA
-    from llava_gguf.checks.reference import mean_cosine
+    from llava_gguf.checks.metrics import mean_cosine
 
     llm, mmproj = converted(tiny(vision_hidden=256, vision_heads=4), "f16")
     image = sample_image(112, seed=2)

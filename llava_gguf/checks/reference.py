@@ -10,14 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from llava_gguf.checks.metrics import mean_cosine, token_cosines
 from llava_gguf.convert import LlavaSource, stored_parts
 from llava_gguf.errors import LlavaGgufError, warn
-
-# the tests and the demo read the cosine from here too (one definition, in metrics)
-__all__ = ["PAD_COLOR", "build_reference", "image_features", "image_path_float32", "load_hf_model", "mean_cosine",
-           "pinpoints_conflict", "pixel_values", "reference_tensors", "square_image", "token_cosines"]
-
 
 def load_hf_model(checkpoint: Path | str):
     import torch  # heavy: see the module docstring

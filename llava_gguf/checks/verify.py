@@ -32,6 +32,7 @@ from llava_gguf.gguf.info import read_gguf_info
 from llava_gguf.gguf.pairing import locate_pair
 from llava_gguf.native.library import ENV_MTMD_VARIANT
 from llava_gguf.runtime.images import load_image
+from llava_gguf.runtime.resources import available_memory
 from llava_gguf.runtime.model import LLaVA
 
 PROMPT = "What is in the image?"
@@ -72,17 +73,6 @@ def sample_images(size: int, n: int = 3) -> list:
     return [sample_image(size, seed=s) for s in range(n)]
 
 
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
 def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = None, clip: Path | str | None = None,
            llm: Path | str | None = None, mmproj: Path | str | None = None, tokens: int = 16,
            runtime: str = "fixed", min_cosine: float | None = None, min_top1: float | None = None,
@@ -114,7 +104,7 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
     hf_logging.disable_progress_bar()
     params = source.checkpoint.total_bytes // 2  # ~parameters (f16/bf16 checkpoints)
     gguf_bytes = llm_path.stat().st_size + mm_path.stat().st_size  # loaded at the same time
-    fp32_fits = params * 4 * 1.3 + gguf_bytes < _available_memory()
+    fp32_fits = params * 4 * 1.3 + gguf_bytes < (available_memory() or 1 << 62)
     if reference_dtype == "auto":
         reference_dtype = "float32" if fp32_fits else "bfloat16"
     dtype = torch.float32 if reference_dtype == "float32" else torch.bfloat16

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from llava_gguf.checks.reference import image_features, load_hf_model, mean_cosine, pixel_values
+from llava_gguf.checks.metrics import mean_cosine
+
+from llava_gguf.checks.reference import image_features, load_hf_model, pixel_values
 from llava_gguf.convert import convert_checkpoint, output_names
 from llava_gguf.demo import shapes
 from llava_gguf.errors import LlavaGgufError
