@@ -53,3 +53,15 @@ def converted(workdir):
     return conv
 
 
+
+
+@pytest.fixture(scope="session")
+def shipped_gguf(workdir) -> Path:
+    """The shipped model (llava_gguf/data/shapes-llava) converted to F16: a directory `serve`/`chat` take."""
+    from llava_gguf.convert import convert_checkpoint
+    from llava_gguf.demo.run import SHIPPED_MODEL
+
+    out = workdir / "shipped-f16"
+    if not out.is_dir():
+        convert_checkpoint(SHIPPED_MODEL, out, outtype="f16", mmproj_type="f16", name="shapes")
+    return out

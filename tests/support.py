@@ -3,11 +3,17 @@ child process, failure assertions, GGUF rewriting through gguf-py alone, and the
 (fp32) our runtime is compared with."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gguf
@@ -25,6 +31,63 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     """The real CLI in a child process."""
     return subprocess.run([sys.executable, "-m", "llava_gguf", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _die_with_parent() -> None:
+    # the server is killed with the test process, even when pytest itself is killed
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ServerURL(str):
+    """The base URL of a server serve_process started ("http://127.0.0.1:PORT"), with its process."""
+
+    proc: subprocess.Popen
+
+
+@contextlib.contextmanager
+def serve_process(path, *args: str, env: dict | None = None, timeout: float = 120) -> Iterator[ServerURL]:
+    """`llava-gguf serve PATH ARGS` as a real child process on a free loopback port: yields its base URL
+    ("http://127.0.0.1:PORT", a str with the process as `.proc`) once it listens and its model is loaded;
+    stopped (SIGTERM, then SIGKILL) on exit. Its stderr log is attached to a failure."""
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "llava_gguf", "serve", str(path), "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=_die_with_parent)
+    url: list[str] = []
+    ready = threading.Event()
+
+    def read_stdout() -> None:  # keeps the pipe drained for the server's whole life
+        for line in proc.stdout:
+            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+            if found and not url:
+                url.append(found.group(1))
+                ready.set()
+        ready.set()
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    try:
+        ready.wait(timeout)
+        if not url:
+            proc.kill()
+            proc.wait(10)
+            log.seek(0)
+            pytest.fail(f"the server did not start (exit {proc.returncode}): {log.read()[-3000:]}")
+        served = ServerURL(url[0])
+        served.proc = proc
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        reader.join(10)
+        proc.stdout.close()
+        log.close()
+        os.unlink(log.name)
 
 
 def wait_for_temporaries(proc: subprocess.Popen, outdir: Path, *, count: int = 1, min_size: int = 1,

@@ -401,3 +401,43 @@ def test_available_memory_counts_reclaimable_page_cache_in_a_cgroup(tmp_path):
     assert available_memory(tmp_path / "meminfo", cg) == int(20.5 * gib)
     (cg / "memory.max").write_text("max\n")
     assert available_memory(tmp_path / "meminfo", cg) == 60 * gib
+
+
+def test_images_read_in_many_threads_keep_the_warning_filters(tmp_path):
+    """The server reads request images in a thread pool: catch_warnings (process-wide state) must not
+    interleave, or a thread's restore drops another's filters and an `always` filter leaks for good."""
+    import threading
+
+    img = Image.new("RGB", (64, 48), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Camera"
+    paths = []
+    for k in range(8):
+        p = tmp_path / f"exif{k}.jpg"
+        img.save(p, exif=exif.tobytes())
+        raw = bytearray(p.read_bytes())
+        i = raw.index(b"Exif\0\0") + 6
+        raw[i + 8:i + 10] = b"\x40\x00" if raw[i:i + 2] == b"II" else b"\x00\x40"
+        p.write_bytes(bytes(raw))
+        paths.append(p)
+    before = list(warnings.filters)
+    errors: list[BaseException] = []
+
+    def work(p) -> None:
+        try:
+            for _ in range(30):
+                assert load_image(p).size == (48, 64)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warnings themselves are not what is tested here
+        filters = list(warnings.filters)
+        threads = [threading.Thread(target=work, args=(p,)) for p in paths]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert list(warnings.filters) == filters
+    assert errors == [] and list(warnings.filters) == before

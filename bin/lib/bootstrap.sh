@@ -29,6 +29,24 @@ stamp_of() {
   (cd "$ROOT" && cat pyproject.toml CMakeLists.txt native/patches/*.patch bin/lib/bootstrap.sh) | sha256sum | cut -c1-16
 }
 
+# The browser the server's page is tested in: Debian's chromium (Playwright's own browser download cannot be
+# reached from here). Installed when missing, as root or through sudo; LLAVA_GGUF_CHROMIUM names another binary.
+chromium_setup() {
+  [ -n "${LLAVA_GGUF_CHROMIUM:-}" ] && return 0
+  command -v chromium >/dev/null 2>&1 && return 0
+  command -v apt-get >/dev/null 2>&1 || { say "no chromium and no apt-get: the browser test will fail (set LLAVA_GGUF_CHROMIUM)"; return 0; }
+  local run=()
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null || { say "chromium is missing and installing it needs root: apt-get install -y chromium"; return 0; }
+    run=(sudo -n)
+  fi
+  say "installing chromium (Debian's package) for the browser test"
+  DEBIAN_FRONTEND=noninteractive "${run[@]}" apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { DEBIAN_FRONTEND=noninteractive "${run[@]}" apt-get update -q >/dev/null 2>&1 \
+         && DEBIAN_FRONTEND=noninteractive "${run[@]}" apt-get install -y -q chromium >/dev/null 2>&1; } \
+    || say "could not install chromium: the browser test will fail (apt-get install -y chromium)"
+}
+
 bootstrap() {
   local want have=""
   want="$(stamp_of)"
@@ -61,3 +79,4 @@ bootstrap() {
 }
 
 bootstrap
+chromium_setup

@@ -25,7 +25,7 @@ bad = [n for n in names if n.split("/")[0] in ("tests", "devkit", "bench", "trai
        or n.endswith(("tiny.py", "conftest.py", "support.py")) or "/test_" in n]
 assert not bad, f"test or benchmark machinery in the wheel: {bad[:10]}"
 need = ["llava_gguf/cli/app.py", "llava_gguf/runtime/model.py", "llava_gguf/data/shapes-llava/config.json",
-        "llava_gguf/data/calibration.txt"]
+        "llava_gguf/data/calibration.txt", "llava_gguf/serve/app.py", "llava_gguf/serve/static/index.html"]
 missing = [n for n in need if n not in names]
 assert not missing, f"missing from the wheel: {missing}"
 assert any(n.startswith("llava_gguf/lib/") and "mtmd" in n for n in names), "no libmtmd in the wheel"
@@ -38,6 +38,9 @@ fresh=("$WORK/venv/bin/python" -m pip --disable-pip-version-check -q)
 CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "${fresh[@]}" install "$SDIST" >&2
 "${fresh[@]}" install "${wheel[0]}" >&2
 cd "$WORK"  # not the source tree: the installed package must be what runs
+"$WORK/venv/bin/llava-gguf" serve --help >/dev/null
+"$WORK/venv/bin/python" -c "import fastapi, uvicorn"  # the server's dependencies came with the wheel
+"$WORK/venv/bin/python" -c 'from importlib import resources; assert b"<input" in resources.files("llava_gguf.serve").joinpath("static/index.html").read_bytes()'
 report="$("$WORK/venv/bin/llava-gguf" doctor --json)"
 "$VENV/bin/python" - "$report" <<'PY'
 import json, sys

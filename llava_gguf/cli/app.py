@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import typer
 
-from llava_gguf.cli import commands_check, commands_produce, commands_run
+from llava_gguf.cli import commands_check, commands_produce, commands_run, commands_serve
 from llava_gguf.errors import LlavaGgufError, LlavaGgufWarning
 
 try:  # typer >= 0.17 carries its own copy of click; older ones use click itself
@@ -52,6 +52,7 @@ COMMANDS: tuple[tuple[str, Callable], ...] = (
     ("repair", commands_produce.repair),
     ("verify", commands_check.verify_cmd),
     ("chat", commands_run.chat),
+    ("serve", commands_serve.serve),
     ("doctor", commands_check.doctor),
     ("demo", commands_run.demo),
 )

@@ -16,6 +16,7 @@ from llava_gguf.gguf.pairing import locate_pair
 from llava_gguf.runtime.images import load_image
 from llava_gguf.runtime.model import LLaVA
 from llava_gguf.runtime.sampling import check_text, sampling_settings
+from llava_gguf.settings import SAMPLING_DEFAULTS as DEFAULTS  # the one table (API, chat, serve, batch)
 
 
 def chat(
@@ -26,12 +27,12 @@ def chat(
     model: Optional[Path] = typer.Option(None, "--model", help="the LLM .gguf, when the directory has several"),
     mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="the mmproj .gguf"),
     # ranges are checked by the library (sampling_settings), so the CLI and the API say the same thing
-    temp: float = typer.Option(0.2, "--temp", help="sampling temperature (0 = greedy)"),
-    top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling, 0 to 1 (0: the most likely token)"),
-    top_k: int = typer.Option(40, "--top-k", help="0: all tokens"),
-    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty", help="greater than 0 (1: none)"),
+    temp: float = typer.Option(DEFAULTS["temperature"], "--temp", help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(DEFAULTS["top_p"], "--top-p", help="nucleus sampling, 0 to 1 (0: the most likely token)"),
+    top_k: int = typer.Option(DEFAULTS["top_k"], "--top-k", help="0: all tokens"),
+    repeat_penalty: float = typer.Option(DEFAULTS["repeat_penalty"], "--repeat-penalty", help="greater than 0 (1: none)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="0 to 4294967294 (default, -1 or 4294967295: random)"),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="at least 1"),
+    max_tokens: int = typer.Option(DEFAULTS["max_tokens"], "--max-tokens", help="at least 1"),
     n_ctx: Optional[int] = typer.Option(None, "--ctx", "--n-ctx", min=64, help="context size (default: fits the image)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", help="layers to offload (-1: all)"),

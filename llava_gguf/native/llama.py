@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_gguf.errors import LlavaGgufError
 from llava_gguf.native import library
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: a random seed
@@ -212,15 +213,27 @@ class Batch:
 
 class Sampler:
     """The sampler chain llama-cpp-python 0.3.36's Llama.generate builds (Llama._init_sampler) for these
-    settings: the repeat penalty over the last 64 tokens this chain accepted (the answer's own), then
-    greedy at temperature 0, else top-k, typical (p=1: a no-op, kept for the same chain), top-p, min-p,
-    temperature and the seeded draw. A given seed gives the answers it gave before."""
+    settings: the repeat penalty over the last 64 tokens this chain accepted (the answer's own), then the
+    grammar when one is given, then greedy at temperature 0, else top-k, typical (p=1: a no-op, kept for the
+    same chain), top-p, min-p, temperature and the seeded draw. A given seed gives the answers it gave before.
+
+    The grammar (GBNF, root rule `root`) sits where _init_sampler puts it: after the penalties, before the
+    pick, so greedy and top-k only ever see tokens it allows (it sets the others to -inf; the penalties only
+    scale and shift logits, so -inf stays -inf and the order of the two does not change the pick — llama.cpp's
+    common_sampler applies the grammar first on its resampling path, with the same result). When the grammar
+    allows no token of the vocabulary, llama.cpp would accept the -inf pick and throw through the C API (the
+    process aborts): `sample` checks the pick first and ends the answer with EOS instead (`dead_end` is set)."""
 
     def __init__(self, model: Model, *, temperature: float, top_k: int, top_p: float, min_p: float,
-                 repeat_penalty: float, seed: int) -> None:
+                 repeat_penalty: float, seed: int, grammar: str | None = None) -> None:
         lc = _lc()
+        self.handle = None
+        self.model, self.grammar, self.dead_end = model, grammar, False
+        rule = _grammar_sampler(model, grammar) if grammar is not None else None  # may raise: nothing built yet
         self.handle = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         parts = [lc.llama_sampler_init_penalties(model.n_vocab, PENALTY_LAST_N, repeat_penalty, 0.0, 0.0)]
+        if rule is not None:
+            parts.append(rule)
         if temperature == 0.0:
             parts.append(lc.llama_sampler_init_greedy())
         else:
@@ -229,15 +242,89 @@ class Sampler:
                       lc.llama_sampler_init_temp(temperature), lc.llama_sampler_init_dist(seed)]
         for part in parts:
             lc.llama_sampler_chain_add(self.handle, part)  # the chain owns (and frees) its parts
+        self._candidates: np.ndarray | None = None
 
     def sample(self, ctx: Context, row: int) -> int:
         """The next token from the logits of batch row `row` (accepted into the chain's history)."""
-        return int(_lc().llama_sampler_sample(self.handle, ctx.handle, row))
+        if self.grammar is None:
+            return int(_lc().llama_sampler_sample(self.handle, ctx.handle, row))
+        return self._sample_checked(ctx, row)
+
+    def _sample_checked(self, ctx: Context, row: int) -> int:
+        """llama_sampler_sample's own steps (candidates from the logits, apply the chain, accept the pick),
+        with a look at the pick before it is accepted (see the class docstring)."""
+        lc, n = _lc(), self.model.n_vocab
+        if self._candidates is None:
+            self._candidates = np.zeros(n, dtype=_TOKEN_DATA)
+            self._candidates["id"] = np.arange(n, dtype=np.int32)
+        cur = self._candidates
+        cur["logit"] = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx.handle, row), shape=(n,))
+        cur["p"] = 0.0
+        array = lc.llama_token_data_array(cur.ctypes.data_as(lc.llama_token_data_p), n, -1, False)
+        lc.llama_sampler_apply(self.handle, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:  # pragma: no cover - llama.cpp asserts the same
+            raise RuntimeError("the sampler chain selected no token")
+        picked = array.data[array.selected]
+        if np.isneginf(picked.logit):  # the grammar allows nothing the vocabulary can say
+            self.dead_end = True
+            return self.model.eos
+        lc.llama_sampler_accept(self.handle, picked.id)
+        return int(picked.id)
 
     def close(self) -> None:
         if self.handle is not None:
             _lc().llama_sampler_free(self.handle)
             self.handle = None
+
+
+# llama_token_data: {int32 id; float logit; float p}, as an array llama_sampler_apply can work on in place
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+MAX_GRAMMAR_BYTES = 256 * 1024
+MAX_GRAMMAR_NESTING = 256  # llama.cpp's GBNF parser recurses per group: a deeper one could overflow the stack
+
+
+def _grammar_sampler(model: Model, grammar: str):
+    """llama_sampler_init_grammar(vocab, grammar, "root"), or a LlavaGgufError when llama.cpp (or our size
+    and nesting limits, which keep its recursive parser on the stack) refuse it."""
+    try:
+        data = grammar.encode() if isinstance(grammar, str) else b""
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800")
+        data = b""
+    # an empty string is "no grammar" to llama.cpp (a sampler that allows everything): not what was asked
+    if not data.strip() or b"\0" in data:
+        raise LlavaGgufError("the grammar could not be parsed: it is empty, not a string or not valid text",
+                             "give a GBNF grammar with a `root` rule")
+    if len(data) > MAX_GRAMMAR_BYTES or _nesting(grammar) > MAX_GRAMMAR_NESTING:
+        raise LlavaGgufError(f"the grammar could not be parsed: over {MAX_GRAMMAR_BYTES} bytes or nested deeper "
+                             f"than {MAX_GRAMMAR_NESTING} groups", "give a smaller grammar")
+    rule = _lc().llama_sampler_init_grammar(model.vocab, data, b"root")
+    if not rule:  # NULL: llama.cpp printed why on stderr; nothing was built
+        raise LlavaGgufError("the grammar could not be parsed by llama.cpp (GBNF with a `root` rule, no left "
+                             "recursion)", "llama.cpp prints the reason on stderr")
+    return rule
+
+
+def _nesting(grammar: str) -> int:
+    """The deepest ( ... ) nesting of a GBNF text, outside "literals", [classes] and # comments."""
+    depth = deepest = 0
+    i, n = 0, len(grammar)
+    while i < n:
+        c = grammar[i]
+        if c in "\"[":
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif c == "#":
+            while i < n and grammar[i] not in "\r\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest
 
 
 @dataclass(frozen=True)

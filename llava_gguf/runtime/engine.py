@@ -14,6 +14,7 @@ for every sequence, as a server loop does) until done; engine.finish(slot); engi
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ from llava_gguf.native import library
 from llava_gguf.native.llama import LLAMA_DEFAULT_SEED, Batch, Context, DecodeError, Model, Sampler
 from llava_gguf.native.mtmd import Chunk, Chunks, Vision
 from llava_gguf.runtime.images import ImageInput
-from llava_gguf.runtime.kvcache import best_donor, reusable_prefix
+from llava_gguf.runtime.kvcache import Position, best_donor, pick_free, reusable_prefix
 from llava_gguf.runtime.loading import ModelFiles, check_files, context_size, room_hint
 from llava_gguf.runtime.prompt import IMAGE_PLACEHOLDER
 from llava_gguf.runtime.resources import thread_count
@@ -61,7 +62,7 @@ class Engine:
         ids = self.model.tokenize(IMAGE_PLACEHOLDER.encode(), add_bos=False, special=True)
         self.image_token = ids[0] if len(ids) == 1 else 0  # what image positions show as token ids
         self.serial = 0  # llama_decode calls so far: logits of an older decode are gone from the context
-        self.stats = EngineStats()
+        self.stats, self.acquisitions = EngineStats(), 0
 
     def _build(self, n_ctx: int, n_threads: int, n_gpu_layers: int, n_seq_max: int) -> None:
         """The model, then the llama context and libmtmd's context at once: both only read the model and
@@ -108,10 +109,8 @@ class Engine:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter teardown
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter teardown
-            pass
 
     def close(self) -> None:
         """Free everything native (the mtmd and llama contexts before the model they use)."""
@@ -126,17 +125,21 @@ class Engine:
         self.ctx = self.model = None
 
     # ------------------------------------------------------------------ sequences
-    def acquire(self) -> Slot:
-        """A free sequence (its cache empty)."""
-        for slot in self.slots:
-            if not slot.in_use:
-                slot.in_use = True
-                return slot
-        raise LlavaGgufError(f"all {len(self.slots)} sequences of the engine are in use")
+    def acquire(self, want: Sequence[Position] = ()) -> Slot:
+        """A free sequence: the one whose cache keeps most of the prompt `want` (positions), else the least
+        recently used (a released sequence may still hold its cells, for later prompts to share)."""
+        free = {s.seq: (s.held, s.used) for s in self.slots if not s.in_use}
+        if not free:
+            raise LlavaGgufError(f"all {len(self.slots)} sequences of the engine are in use")
+        slot = self.slots[pick_free(free, want)]
+        self.acquisitions += 1
+        slot.in_use, slot.used = True, self.acquisitions
+        return slot
 
-    def release(self, slot: Slot) -> None:
-        """The sequence is free again, its cache emptied."""
-        self.clear(slot)
+    def release(self, slot: Slot, keep: bool = False) -> None:
+        """The sequence is free again; its cache emptied, or with `keep` left for later prompts to reuse."""
+        self.finish(slot) if keep else self.clear(slot)
+        slot.pending.clear()
         slot.in_use = False
 
     def clear(self, slot: Slot) -> None:
@@ -245,12 +248,13 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, slot: Slot, *, temperature: float, top_k: int, top_p: float, min_p: float,
-                 repeat_penalty: float, seed: int | None) -> None:
+                 repeat_penalty: float, seed: int | None, grammar: str | None = None) -> None:
         """Start sampling the sequence's answer after its prompt (llama-cpp-python's sampler chain, see
-        native/llama.py; seed None: random)."""
+        native/llama.py; seed None: random; grammar: GBNF the answer must follow)."""
         self.finish(slot)
         slot.sampler = Sampler(self.model, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                               repeat_penalty=repeat_penalty, seed=LLAMA_DEFAULT_SEED if seed is None else seed)
+                               repeat_penalty=repeat_penalty, seed=LLAMA_DEFAULT_SEED if seed is None else seed,
+                               grammar=grammar)
         slot.want_sample, slot.generated = True, 0
 
     def _redecode_last(self, slot: Slot) -> None:

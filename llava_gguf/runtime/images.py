@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import threading
 import urllib.parse
 import urllib.request
 import warnings
@@ -65,11 +66,16 @@ def _reduction(size: tuple[int, int]) -> int:
     return max(1, max(size) // KEEP_SIDE)
 
 
+_WARNINGS_LOCK = threading.Lock()  # catch_warnings swaps process-wide state: one image at a time (the server)
+
+
 @contextlib.contextmanager
 def _pillow_warnings(what: str) -> Iterator[None]:
     """Pillow's own warnings while reading an image (a decompression-bomb size, damaged EXIF data) become
-    our one-line warnings naming the image, instead of Python's multi-line warning with a source line."""
-    with warnings.catch_warnings(record=True) as caught:
+    our one-line warnings naming the image, instead of Python's multi-line warning with a source line.
+    warnings.catch_warnings is not thread-safe (it replaces the module's filters and restores them): images
+    read in several threads at once take turns, or one thread's restore would drop another's recording."""
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
     seen = set()

@@ -59,3 +59,16 @@ def best_donor(want: Sequence[Position], others: Mapping[int, Sequence[Position]
         if p > best[1]:
             best = (seq, p)
     return best
+
+
+def pick_free(free: Mapping[int, tuple[Sequence[Position], int]], want: Sequence[Position]) -> int:
+    """Which free sequence a prompt should take (the longest prefix any sequence holds is copied in anyway,
+    see best_donor): one whose whole cache the prompt continues (a follow-up turn), the longest such; else an
+    empty one; else the least recently used. So a conversation's cells are not overwritten by another
+    prompt that merely shares their start. `free`: seq -> (what it holds, when it was last used)."""
+    def key(seq: int) -> tuple[bool, int, bool, int, int]:
+        held, used = free[seq]
+        keep = reusable_prefix(held, want) if held and want else 0
+        continues = bool(held) and keep >= len(held) - 1  # the last position is decoded again anyway
+        return (continues, keep if continues else 0, not held, -used, -seq)
+    return max(free, key=key)

@@ -18,13 +18,13 @@ from llava_gguf.runtime.engine import Engine
 from llava_gguf.runtime.generate import EvalStats, stream_answer
 from llava_gguf.runtime.images import ImageInput
 from llava_gguf.runtime.loading import check_files, context_size, device_layers, room_hint
-from llava_gguf.runtime.prompt import IMAGE_PLACEHOLDER, Message, render_conversation
+from llava_gguf.runtime.prompt import IMAGE_PLACEHOLDER, Message
+from llava_gguf.runtime.prompter import Prompter
 from llava_gguf.runtime.resources import thread_count
 from llava_gguf.runtime.sampling import Sampling, check_seed, sampling_settings
-from llava_gguf.runtime.segments import ImageSegment, Segment
+from llava_gguf.runtime.segments import ImageSegment
 from llava_gguf.runtime.session import ChatSession
-from llava_gguf.runtime.splice import answers, splice_answers
-from llava_gguf.runtime.vision import IMAGE_CACHE_BYTES, Unencodable
+from llava_gguf.runtime.vision import IMAGE_CACHE_BYTES
 
 
 def _open(method):
@@ -99,6 +99,7 @@ class LLaVA:
         self.context_limit = context_limit
         self.libs = engine.libs
         self.slot = engine.acquire()
+        self.prompter = Prompter(engine)
         self.llm = engine.model  # the loaded LLM: tokenize(), piece(), is_eog(), n_vocab
         self.last = EvalStats()
         self._owns_engine = owns_engine
@@ -210,30 +211,7 @@ class LLaVA:
     # ----------------------------------------------------------------- prompting
     @_open
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        templates = [t for t in (self.llm_info.chat_template, self.family_template) if t]
-        bos, eos = self._bos_eos
-        return render_conversation(templates, messages, bos=bos, eos=eos, marker=self.engine.images.marker,
-                                   add_generation_prompt=add_generation_prompt)
-
-    @functools.cached_property
-    def _bos_eos(self) -> tuple[str, str]:
-        """The BOS and EOS tokens' text, for the chat template (a turn renders it several times)."""
-        return tuple(self.llm.piece(t).decode(errors="replace") if t >= 0 else "" for t in (self.llm.bos, self.llm.eos))
-
-    def _prompt(self, messages: list[Message], images: Sequence[ImageInput]) -> tuple[Chunks, list[Segment]]:
-        """(mtmd chunks, segments): the conversation rendered, tokenized, its answers' own ids spliced in.
-        The caller closes the chunks."""
-        text = self.render(messages)
-        try:
-            chunks, segments = self.engine.tokenize(text, list(images), add_special=True)
-        except Unencodable as e:
-            raise e.located(any(e.char in (m.text or "") for m in messages)) from None
-        try:
-            found = answers(messages, self.render, self.engine.images.marker)
-            return chunks, splice_answers(segments, found, self.llm.piece, self.llm.n_vocab)
-        except BaseException:
-            chunks.close()
-            raise
+        return self.prompter.render(messages, add_generation_prompt)
 
     @_open
     def eval_prompt(self, prompt: str, images: Sequence[ImageInput] = ()) -> list[int]:
@@ -247,7 +225,7 @@ class LLaVA:
         """Render `messages` (with a generation prompt) and make the KV cache hold exactly that prompt,
         decoding only what differs from what it held. `images` fill the messages' image slots in order."""
         t0 = self._t_call = time.perf_counter()
-        chunks, segments = self._prompt(messages, images)
+        chunks, segments = self.prompter.prompt(messages, images)
         with chunks:
             report = self.engine.load(self.slot, segments)
         self.last = EvalStats(prompt_tokens=report.positions, reused_tokens=report.reused,
@@ -260,9 +238,7 @@ class LLaVA:
     @_open
     def count_prompt(self, messages: list[Message], images: Sequence[ImageInput]) -> int:
         """Positions `messages` would take in the context (text tokens + image rows), without decoding."""
-        chunks, segments = self._prompt(messages, images)
-        chunks.close()
-        return sum(seg.n for seg in segments)
+        return self.prompter.count(messages, images)
 
     # ----------------------------------------------------------------- answering
     @_open

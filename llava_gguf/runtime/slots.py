@@ -49,6 +49,7 @@ class Slot:
     logits: np.ndarray | None = None  # of the last position decoded with logits
     logits_row: int = -1  # that position's row in the decode `logits_serial` of the engine
     logits_serial: int = -1
+    used: int = 0  # when the sequence was last acquired (the engine's count): the least recent is reused first
 
     @property
     def generating(self) -> bool:

@@ -3,7 +3,7 @@ prefix, never the last position (its logits are needed), never ending inside an 
 sequence holds the longest prefix to copy."""
 from __future__ import annotations
 
-from llava_gguf.runtime.kvcache import best_donor, common_prefix, image_spans, reusable_prefix
+from llava_gguf.runtime.kvcache import best_donor, common_prefix, image_spans, reusable_prefix, pick_free
 from llava_gguf.runtime.segments import ImageSegment, TextSegment, positions, tail
 
 
@@ -64,3 +64,17 @@ def test_the_tail_left_to_decode():
     assert tail(segs, 2) == [segs[1], segs[2]]  # the image whole
     assert tail(segs, 5) == [TextSegment((4,))]
     assert tail(segs, 6) == []
+
+
+def test_pick_free_continues_a_conversation_else_takes_an_empty_sequence_else_the_least_recent():
+    img = [("h", k) for k in range(4)]
+    conversation = [1] + img + [5, 6, 7, 8]
+    # a follow-up turn goes back to the sequence that holds its conversation
+    assert pick_free({0: ([], 1), 1: (conversation, 2)}, conversation + [9, 10]) == 1
+    # the same image with another question: an empty sequence takes it (the image rows are copied there),
+    # the first conversation keeps its cells
+    assert pick_free({0: ([], 1), 1: (conversation, 2)}, [1] + img + [11, 12]) == 0
+    # no empty sequence: the least recently used one is overwritten
+    assert pick_free({0: ([2, 3], 5), 1: ([4, 5], 3)}, [7, 8]) == 1
+    # the same prompt again continues its own cache (only the last position is decoded again)
+    assert pick_free({0: ([], 1), 1: (conversation, 2)}, conversation) == 1
