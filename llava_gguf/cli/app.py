@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import typer
 
-from llava_gguf.cli import commands_check, commands_produce, commands_run, commands_serve
+from llava_gguf.cli import commands_batch, commands_check, commands_produce, commands_run, commands_serve
 from llava_gguf.errors import LlavaGgufError, LlavaGgufWarning
 
 try:  # typer >= 0.17 carries its own copy of click; older ones use click itself
@@ -53,6 +53,7 @@ COMMANDS: tuple[tuple[str, Callable], ...] = (
     ("verify", commands_check.verify_cmd),
     ("chat", commands_run.chat),
     ("serve", commands_serve.serve),
+    ("batch", commands_batch.batch),
     ("doctor", commands_check.doctor),
     ("demo", commands_run.demo),
 )

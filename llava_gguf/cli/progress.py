@@ -58,3 +58,24 @@ def tensor_progress(enabled: bool, description: str) -> Iterator[Callable[[int, 
 
     with bar:
         yield update
+
+
+@contextlib.contextmanager
+def record_progress(enabled: bool, total: int, done: int) -> Iterator[Callable[[bool], None]]:
+    """A (failed) callback advancing a records bar with records/s and ETA (nothing off a terminal)."""
+    if not enabled:
+        yield lambda failed: None
+        return
+    bar = Bar(TextColumn("[bold]answering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+              TimeRemainingColumn(), TextColumn("{task.fields[failed]}"), transient=False)
+    task = bar.add_task("answering", total=total, completed=done, rate="", failed="")
+    failures = [0]
+
+    def advance(failed: bool) -> None:
+        failures[0] += failed
+        speed = bar.tasks[task].speed
+        bar.update(task, advance=1, rate=f"{speed:.2f} records/s" if speed else "",
+                   failed=f"{failures[0]} failed" if failures[0] else "")
+
+    with bar:
+        yield advance

@@ -55,6 +55,13 @@ class Slot:
     def generating(self) -> bool:
         return self.sampler is not None
 
+    def future(self) -> list[Position]:
+        """What the sequence will hold once its pending prompt work is decoded."""
+        out = list(self.held)
+        for w in self.pending:
+            out += w.tokens if isinstance(w, TextWork) else [(w.tag, k) for k in range(w.done, len(w.rows))]
+        return out
+
     @property
     def n_pending(self) -> int:
         """Positions of prompt work not decoded yet."""

@@ -18,7 +18,7 @@ from llava_gguf.serve.errors import ApiError, check_model, overloaded, unauthori
 from llava_gguf.serve.guard import Guard
 from llava_gguf.serve.protocol import ChatRequest, ImagePolicy, parse_chat_request
 from llava_gguf.serve.responses import Completion, failure, metrics_text, sse
-from llava_gguf.serve.scheduler import Done, Failed, Job, QueueFull, Scheduler, Text
+from llava_gguf.runtime.scheduler import Done, Failed, Job, QueueFull, Scheduler, Text
 
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

@@ -7,6 +7,7 @@ ignored, as OpenAI-compatible servers do. Blocking (it may fetch and decode imag
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 
@@ -49,6 +50,8 @@ class _Part:
 
 
 def _type_name(value: object) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} (not a finite number)"  # Python's json reads NaN and Infinity
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
             dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
 
@@ -66,7 +69,7 @@ def _field(body: dict, key: str, kind: str):
     ok = {"int": is_int, "number": is_number, "bool": lambda v: isinstance(v, bool),
           "str": lambda v: isinstance(v, str)}[kind]
     if not ok(value):
-        expected = {"int": "an integer", "number": "a number", "bool": "a boolean", "str": "a string"}[kind]
+        expected = {"int": "an integer", "number": "a finite number", "bool": "a boolean", "str": "a string"}[kind]
         raise _wrong_type(key, expected, value)
     return value
 

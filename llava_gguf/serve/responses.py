@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from llava_gguf.serve.errors import ApiError, context_length_exceeded, overloaded
-from llava_gguf.serve.scheduler import Counters, Done, Failed, Started
+from llava_gguf.runtime.scheduler import Counters, Done, Failed, Started
 
 
 @dataclass

@@ -21,7 +21,7 @@ from llava_gguf.runtime.sampling import is_int
 from llava_gguf.serve.app import ServerState, build_app
 from llava_gguf.serve.guard import is_loopback
 from llava_gguf.serve.protocol import ImagePolicy
-from llava_gguf.serve.scheduler import Scheduler
+from llava_gguf.runtime.scheduler import Scheduler
 
 API_KEY_ENV = "LLAVA_GGUF_API_KEY"
 

@@ -12,7 +12,7 @@ from llava_gguf.errors import LlavaGgufError
 def test_every_command_is_registered_in_order():
     names = [c.name for c in app.registered_commands]
     assert names == [name for name, _ in COMMANDS] == ["convert", "quantize", "imatrix", "quality", "inspect", "repair",
-                                                       "verify", "chat", "serve", "doctor", "demo"]
+                                                       "verify", "chat", "serve", "batch", "doctor", "demo"]
     # the help text is the command function's docstring, kept through the guard
     assert all(c.callback.__doc__ and c.callback.__doc__ == fn.__doc__ for c, (_, fn) in zip(app.registered_commands,
                                                                                               COMMANDS))

@@ -386,3 +386,11 @@ def test_any_body_is_a_request_or_an_api_error(body):
         json.dumps(e.body())
     else:
         assert isinstance(r, ChatRequest) and r.messages and isinstance(r.sampling, Sampling)
+
+
+def test_nan_and_infinity_are_said_as_such():
+    # Python's json reads NaN and Infinity: the message must not say "expected a number, got a number"
+    for v in ("NaN", "Infinity", "-Infinity"):
+        e = refused(json.loads('{"messages": [{"role": "user", "content": "hi"}], "top_p": %s}' % v), 400, "top_p",
+                    "invalid_type", "finite")
+        assert "got a number" not in e.message

@@ -1,8 +1,10 @@
-"""The server's scheduler: one thread owns the engine (nothing native is touched from another thread) and
+"""The scheduler `serve` and `batch` run an engine with: one thread owns the engine (nothing native is touched from another thread) and
 runs llama-server's loop over it — admit queued requests into free sequences (the one whose cache keeps
 most of the prompt; a longer prefix held by another sequence is copied in by the engine), then one
 engine.step() for every sequence at once (prompt chunks and one token per generating sequence in one
-llama_decode), then hand each sequence's new token to its request as text.
+llama_decode), then hand each sequence's new token to its request as text. A request whose prompt starts
+with what another sequence is still decoding (the same image, asked about again) waits for it and has it
+copied, rather than decoding it a second time.
 
 Requests talk to it through Job: submit() queues one (QueueFull past `queue` waiting), job.cancel() stops it
 (a client gone: its sequence's cells are freed), and the scheduler calls job.emit(event) from its thread with
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from llava_gguf.errors import LlavaGgufError
 from llava_gguf.runtime.engine import Engine
+from llava_gguf.runtime.kvcache import reusable_prefix
 from llava_gguf.runtime.prompt import Message
 from llava_gguf.runtime.prompter import Prompter
 from llava_gguf.runtime.sampling import Sampling
@@ -78,6 +81,7 @@ class Job:
     emit: Callable[[Event], None]
     grammar: str | None = None
     cancelled: bool = False
+    want: list | None = None  # the prompt's positions, once tokenized (for deferring, see _coming)
     # set by the scheduler
     slot: Slot | None = None
     text: AnswerText | None = None
@@ -201,33 +205,52 @@ class Scheduler:
         self.counters.requests_cancelled += len(gone)
 
     def _admit(self) -> None:
-        while any(not s.in_use for s in self.engine.slots):
+        with self.cv:
+            queued = list(self.waiting)
+        for job in queued:
+            if not any(not s.in_use for s in self.engine.slots):
+                return
+            if job.cancelled or (job.want is not None and self._coming(job.want)):
+                continue  # cancelled: _reap drops it; coming: admitted once the prefix is decoded
             with self.cv:
-                if not self.waiting:
-                    return
-                job = self.waiting.popleft()
-            if job.cancelled:
-                continue
+                self.waiting.remove(job)
             try:
-                self._start(job)
+                if not self._start(job):
+                    with self.cv:
+                        self.waiting.appendleft(job)
             except Exception as e:  # noqa: BLE001 - one request's bug must not stop the others
                 if job.slot is not None and job not in self.active:
                     self.engine.release(job.slot)
                 self._fail(job, f"internal error: {type(e).__name__}: {str(e)[:200]}", "internal")
 
-    def _start(self, job: Job) -> None:
+    def _coming(self, want: list) -> bool:
+        """Whether a longer prefix of `want` than any sequence holds is in another sequence's pending work (an
+        image an earlier request is decoding): then the request waits and copies it, instead of decoding it
+        again (the pending work is decoded by the next steps, so the wait ends)."""
+        now = max((reusable_prefix(s.held, want) for s in self.engine.slots if s.held), default=0)
+        later = max((reusable_prefix(s.future(), want) for s in self.engine.slots if s.in_use and s.pending),
+                    default=0)
+        return later > now
+
+    def _start(self, job: Job) -> bool:
+        """Admit the job (True; or fail it: also True), or False: what its prompt starts with is still being
+        decoded for another request — it goes back to the queue."""
         job.t_admit = time.perf_counter()
         try:
             chunks, segments = self.prompter.prompt(list(job.messages), list(job.images))
         except LlavaGgufError as e:
-            return self._fail(job, e.one_line(), "bad_request")
+            self._fail(job, e.one_line(), "bad_request")
+            return True
         with chunks:
-            want = positions(segments)
+            want = job.want = positions(segments)
             n_ctx = self.engine.n_ctx
             if len(want) >= n_ctx:
                 n_img = len(want) - sum(1 for x in want if isinstance(x, int))
-                return self._fail(job, f"the prompt needs {len(want)} tokens ({n_img} for images) but the context "
-                                       f"holds {n_ctx} per conversation", "context_length_exceeded", len(want), n_ctx)
+                self._fail(job, f"the prompt needs {len(want)} tokens ({n_img} for images) but the context holds "
+                                f"{n_ctx} per conversation", "context_length_exceeded", len(want), n_ctx)
+                return True
+            if self._coming(want):
+                return False
             slot = job.slot = self.engine.acquire(want)
             try:
                 report = self.engine.load(slot, segments)
@@ -237,13 +260,15 @@ class Scheduler:
             except LlavaGgufError as e:
                 self.engine.release(slot)
                 job.slot = None
-                return self._fail(job, e.one_line(), "grammar" if "grammar" in e.message else "bad_request")
+                self._fail(job, e.one_line(), "grammar" if "grammar" in e.message else "bad_request")
+                return True
         job.text = AnswerText(job.sampling.stop)
         job.started = Started(report.positions, report.reused, report.images, report.images_encoded)  # copied included
         self.active.append(job)
         self.counters.prompt_tokens += report.positions
         self.counters.cached_tokens += job.started.cached
         self._emit(job, job.started)
+        return True
 
     def _collect(self) -> None:
         """Each generating sequence's new token as text; finished answers end their request."""

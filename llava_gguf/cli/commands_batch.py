@@ -1,0 +1,61 @@
+"""`llava-gguf batch`: the options, parsed; the work is llava_gguf.batch (records appended to a resumable
+JSONL as they finish; the exit status is the number of records that failed, at most 125)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from llava_gguf.batch.output import Output
+from llava_gguf.batch.runner import run
+from llava_gguf.cli.progress import record_progress
+from llava_gguf.errors import LlavaGgufError
+from llava_gguf.runtime.sampling import sampling_settings
+from llava_gguf.settings import SAMPLING_DEFAULTS as DEFAULTS
+
+
+def batch(
+    path: Path = typer.Argument(..., help="directory that convert/quantize wrote, or an LLM .gguf"),
+    source: Path = typer.Argument(..., metavar="INPUT",
+                                  help="a directory of images, a text file of image paths, or LLaVA's question JSONL"),
+    out: Path = typer.Option(..., "-o", "--output", help="the answers, JSONL (LLaVA's answer format and ours)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="the question where the input has none"),
+    image_folder: Optional[Path] = typer.Option(None, "--image-folder", help="where the input's image paths are"),
+    resume: bool = typer.Option(False, "--resume", help="skip the records OUT already has, append the rest"),
+    force: bool = typer.Option(False, "--force", help="replace an existing OUT"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+    parallel: int = typer.Option(2, "--parallel", "-np", help="records answered at once (sequences)"),
+    max_tokens: int = typer.Option(DEFAULTS["max_tokens"], "--max-tokens", help="at least 1"),
+    temp: float = typer.Option(DEFAULTS["temperature"], "--temp", help="sampling temperature (0 = greedy)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="0 to 4294967294 (default: random)"),
+    n_ctx: Optional[int] = typer.Option(None, "--ctx", min=64, help="positions per sequence"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    model: Optional[Path] = typer.Option(None, "--model", help="the LLM .gguf, when the directory has several"),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="the mmproj .gguf"),
+    verbose: bool = typer.Option(False, "--verbose", help="llama.cpp's logs"),
+) -> None:
+    """Answer every image or question of INPUT into OUT (resumable: --resume after a crash)."""
+    sampling = sampling_settings(max_tokens=max_tokens, temperature=temp, seed=seed)
+    if os.path.lexists(out) and not (resume or force):  # said before the model loads (Output.open checks again)
+        raise LlavaGgufError(f"{out} already exists (pass --resume to continue it, or --force to replace it)")
+    done: set[str] = set()
+    # inputs and model checked and loaded before OUT is created: a bad input leaves no empty OUT behind
+    records = run(path, source, prompt=prompt, image_folder=image_folder, system=system, parallel=parallel,
+                  sampling=sampling, threads=threads, n_ctx=n_ctx, llm=model, mmproj=mmproj, skip=done,
+                  verbose=verbose)
+    with records, Output.open(out, resume=resume, force=force) as output:
+        done.update(output.done)
+        failed = 0
+        with record_progress(sys.stderr.isatty(), records.total, output.resumed) as advance:
+            for record in records:
+                output.write(record)
+                failed += record.get("error") is not None
+                advance(record.get("error") is not None)
+        done = output.count
+    typer.echo(f"{done} records written to {out}" + (f" ({output.resumed} were there already)" if resume else "")
+               + (f"; {failed} failed (their `error` says why)" if failed else ""), err=True)
+    if failed:
+        raise typer.Exit(min(failed, 125))
