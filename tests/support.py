@@ -3,8 +3,10 @@ child process, failure assertions, GGUF rewriting through gguf-py alone, and the
 (fp32) our runtime is compared with."""
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
+import io
 import os
 import re
 import signal
@@ -88,6 +90,19 @@ def serve_process(path, *args: str, env: dict | None = None, timeout: float = 12
         proc.stdout.close()
         log.close()
         os.unlink(log.name)
+
+
+def image_uri(image, fmt: str = "PNG") -> str:
+    """A PIL image as the data: URI an OpenAI client sends."""
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user_turn(text: str, *urls: str) -> dict:
+    """An OpenAI user message: its image URLs first (as LLaVA was trained), then the text."""
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+            + [{"type": "text", "text": text}]}
 
 
 def wait_for_temporaries(proc: subprocess.Popen, outdir: Path, *, count: int = 1, min_size: int = 1,

@@ -5,8 +5,6 @@ first one's sequence, and four clients at once get their own answers (no cross-t
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import threading
 import urllib.request
@@ -17,21 +15,10 @@ import pytest
 from llava_gguf import LLaVA
 from llava_gguf.demo import shapes
 from llava_gguf.gguf.pairing import locate_pair
-from support import serve_process
+from support import image_uri, serve_process, user_turn
 
 MAX_TOKENS = 48
 SCENES = [sc for sc, _ in shapes.questions("test", 60, 8)][::2]  # 4 scenes
-
-
-def data_uri(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def user(text: str, *images) -> dict:
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(im)}} for im in images]
-            + [{"type": "text", "text": text}]}
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +71,14 @@ def test_greedy_answer_equals_generate_from_image_sync_and_streaming(client, ref
     scene = SCENES[0]
     want = reference(scene.image(), shapes.DESCRIBE)
     assert len(want.split()) > 3  # a caption: several tokens to compare
-    r = client.chat.completions.create(model="shapes", messages=[user(shapes.DESCRIBE, scene.image())],
+    r = client.chat.completions.create(model="shapes", messages=[user_turn(shapes.DESCRIBE, image_uri(scene.image()))],
                                        temperature=0, max_tokens=MAX_TOKENS)
     assert r.choices[0].message.content == want
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens > 36 and r.usage.completion_tokens > 0  # image rows + text
 
-    stream = client.chat.completions.create(model="shapes", messages=[user(shapes.DESCRIBE, scene.image())],
+    stream = client.chat.completions.create(model="shapes",
+                                            messages=[user_turn(shapes.DESCRIBE, image_uri(scene.image()))],
                                             temperature=0, max_tokens=MAX_TOKENS, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
@@ -108,7 +96,8 @@ def test_async_client(server, reference):
 
     async def ask() -> str:
         async with openai.AsyncOpenAI(base_url=server + "/v1", api_key="none", max_retries=0) as aclient:
-            r = await aclient.chat.completions.create(model="shapes", messages=[user(question, scene.image())],
+            r = await aclient.chat.completions.create(model="shapes",
+                                                      messages=[user_turn(question, image_uri(scene.image()))],
                                                       temperature=0, max_tokens=MAX_TOKENS)
             return r.choices[0].message.content
 
@@ -117,7 +106,7 @@ def test_async_client(server, reference):
 
 def test_follow_up_reuses_the_conversation_and_equals_it_from_scratch(client, files):
     scene = SCENES[2]
-    messages = [user(shapes.DESCRIBE, scene.image())]
+    messages = [user_turn(shapes.DESCRIBE, image_uri(scene.image()))]
     first = client.chat.completions.create(model="shapes", messages=messages, temperature=0, max_tokens=MAX_TOKENS)
     messages += [{"role": "assistant", "content": first.choices[0].message.content},
                  {"role": "user", "content": "How many shapes are there?"}]
@@ -135,11 +124,11 @@ def test_second_client_same_image_gets_the_image_rows_from_the_cache(server, ref
     scene = SCENES[3]
     a = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
     b = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
-    first = a.chat.completions.create(model="shapes", messages=[user(shapes.DESCRIBE, scene.image())],
+    first = a.chat.completions.create(model="shapes", messages=[user_turn(shapes.DESCRIBE, image_uri(scene.image()))],
                                       temperature=0, max_tokens=MAX_TOKENS)
     question = "How many shapes are there?"
     copied = metric(server, "llava_gguf_copied_positions_total")
-    second = b.chat.completions.create(model="shapes", messages=[user(question, scene.image())],
+    second = b.chat.completions.create(model="shapes", messages=[user_turn(question, image_uri(scene.image()))],
                                        temperature=0, max_tokens=MAX_TOKENS)
     image_rows = 36  # the shipped model: 6x6 patches
     assert first.usage.prompt_tokens_details.cached_tokens < image_rows
@@ -158,7 +147,8 @@ def test_four_clients_at_once_get_their_own_answers(server, reference):
     def ask(i: int) -> None:
         c = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
         barrier.wait()
-        stream = c.chat.completions.create(model="shapes", messages=[user(shapes.DESCRIBE, SCENES[i].image())],
+        stream = c.chat.completions.create(model="shapes",
+                                           messages=[user_turn(shapes.DESCRIBE, image_uri(SCENES[i].image()))],
                                            temperature=0, max_tokens=MAX_TOKENS, stream=True)
         got[i] = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
 

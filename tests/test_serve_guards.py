@@ -25,7 +25,7 @@ from PIL import Image
 from devkit.tiny import sample_image
 from llava_gguf.demo import shapes
 from llava_gguf.serve.run import body_limit
-from support import serve_process
+from support import image_uri, serve_process, user_turn
 
 KEY = "sk-test-0123456789"
 LONG = 8000  # tokens: the tiny model makes 100 (streamed) to 3000 a second here: an answer this long runs for seconds
@@ -36,17 +36,6 @@ SAMPLE = re.compile(rf"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{{{LABEL}(?:,{LABEL})*\}})? (
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def png_uri(image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    image.save(buf, fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def user(text: str, *urls: str) -> dict:
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-            + [{"type": "text", "text": text}]}
-
-
 def request(url: str, method: str = "GET", path: str = "/", body: object = None, *, raw: bytes | None = None,
             headers: dict | None = None, timeout: float = 60) -> tuple[int, dict, bytes]:
     """One raw HTTP request (what the openai client would refuse to send): status, headers, body."""
@@ -124,13 +113,13 @@ def tiny_pair(tiny, converted):
 
 @pytest.fixture(scope="module")
 def small_uri():
-    return png_uri(sample_image(112, seed=5), "JPEG")
+    return image_uri(sample_image(112, seed=5), "JPEG")
 
 
 def start_long_stream(c: openai.OpenAI, image_uri: str):
     """A streaming request that runs for many seconds (sampled at temperature 1: no early end), admitted
     (its first chunks read) before this returns."""
-    stream = c.chat.completions.create(model="tiny", messages=[user("Tell me a long story.", image_uri)],
+    stream = c.chat.completions.create(model="tiny", messages=[user_turn("Tell me a long story.", image_uri)],
                                        max_tokens=LONG, temperature=1.0, seed=1, stream=True)
     chunks = iter(stream)
     for _ in range(4):
@@ -163,7 +152,7 @@ def test_client_disconnect_cancels_and_frees_the_sequence(one_slot, small_uri):
     # its cells are freed (an answer that ran to its end would keep them for a follow-up, and count as accepted only)
     assert after['llava_gguf_slot_cached_positions{slot="0"}'] == 0
     assert after["llava_gguf_completion_tokens_total"] - before["llava_gguf_completion_tokens_total"] < LONG
-    r = client(one_slot).chat.completions.create(model="tiny", messages=[user("Hello.", small_uri)], max_tokens=4,
+    r = client(one_slot).chat.completions.create(model="tiny", messages=[user_turn("Hello.", small_uri)], max_tokens=4,
                                                  temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
 
@@ -173,12 +162,12 @@ def test_full_slots_and_no_queue_answer_503_with_retry_after(one_slot, small_uri
     stream = start_long_stream(client(one_slot), small_uri)
     try:
         with pytest.raises(openai.APIStatusError) as caught:
-            client(one_slot).chat.completions.create(model="tiny", messages=[user("Hi.")], max_tokens=2)
+            client(one_slot).chat.completions.create(model="tiny", messages=[user_turn("Hi.")], max_tokens=2)
         e = caught.value
         assert int(e.response.headers["retry-after"]) >= 1
         openai_error(e.status_code, e.response.content, 503, "server_is_overloaded")
         status, headers, body = request(one_slot, "POST", "/v1/chat/completions",
-                                        {"messages": [user("Hi.")], "max_tokens": 2})
+                                        {"messages": [user_turn("Hi.")], "max_tokens": 2})
         openai_error(status, body, 503, "server_is_overloaded")
         assert int(headers["retry-after"]) >= 1
     finally:
@@ -203,7 +192,7 @@ def test_a_queued_request_waits_and_completes_after_the_running_one_is_cancelled
     def waiting() -> None:
         try:
             result["r"] = client(queue_of_one).chat.completions.create(
-                model="tiny", messages=[user("Hello.", small_uri)], max_tokens=4, temperature=0)
+                model="tiny", messages=[user_turn("Hello.", small_uri)], max_tokens=4, temperature=0)
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
             result["e"] = e
 
@@ -213,7 +202,7 @@ def test_a_queued_request_waits_and_completes_after_the_running_one_is_cancelled
         wait_until(lambda: metrics(queue_of_one)["llava_gguf_queue_depth"] == 1, "the second request queued")
         # the third finds the slot busy and the queue full
         status, headers, body = request(queue_of_one, "POST", "/v1/chat/completions",
-                                        {"messages": [user("Hi.")], "max_tokens": 2})
+                                        {"messages": [user_turn("Hi.")], "max_tokens": 2})
         openai_error(status, body, 503, "server_is_overloaded")
         assert int(headers["retry-after"]) >= 1
         assert waiter.is_alive() and not result  # still waiting while the first one runs
@@ -237,7 +226,7 @@ def open_request(url: str, body: dict) -> http.client.HTTPConnection:
 def test_a_non_streaming_client_that_disconnects_frees_the_sequence(one_slot, small_uri):
     cancelled = 'llava_gguf_requests_total{outcome="cancelled"}'
     before = metrics(one_slot)
-    conn = open_request(one_slot, {"model": "tiny", "messages": [user("Tell me a long story.", small_uri)],
+    conn = open_request(one_slot, {"model": "tiny", "messages": [user_turn("Tell me a long story.", small_uri)],
                                    "max_tokens": LONG, "temperature": 1.0, "seed": 2})
     try:
         wait_until(lambda: metrics(one_slot)['llava_gguf_slot_state{slot="0",state="generating"}'] == 1,
@@ -256,7 +245,7 @@ def test_a_queued_client_that_disconnects_leaves_the_queue(queue_of_one, small_u
     before = metrics(queue_of_one)
     stream = start_long_stream(client(queue_of_one), small_uri)
     try:
-        conn = open_request(queue_of_one, chat(user("Hello.", small_uri)))
+        conn = open_request(queue_of_one, chat(user_turn("Hello.", small_uri)))
         wait_until(lambda: metrics(queue_of_one)["llava_gguf_queue_depth"] == 1, "the second request queued")
         conn.close()
         wait_until(lambda: metrics(queue_of_one)["llava_gguf_queue_depth"] == 0, "the queue emptied")
@@ -281,7 +270,7 @@ def keyed(request, tiny_pair):
 
 @pytest.mark.parametrize("method,path,body", [("GET", "/v1/models", None), ("GET", "/v1/models/tiny", None),
                                               ("GET", "/metrics", None),
-                                              ("POST", "/v1/chat/completions", {"messages": [user("Hi.")]})])
+                                              ("POST", "/v1/chat/completions", {"messages": [user_turn("Hi.")]})])
 @pytest.mark.parametrize("auth", [None, "Bearer wrong-key-0123", f"Basic {KEY}", "Bearer "])
 def test_api_routes_refuse_a_missing_or_wrong_key(keyed, method, path, body, auth):
     status, headers, data = request(keyed, method, path, body, headers={"Authorization": auth} if auth else {})
@@ -292,7 +281,7 @@ def test_api_routes_refuse_a_missing_or_wrong_key(keyed, method, path, body, aut
 def test_the_openai_client_with_a_wrong_key_gets_authentication_error(keyed):
     bad = client(keyed, "wrong-key-0123")
     for call in (lambda: bad.models.list(),
-                 lambda: bad.chat.completions.create(model="tiny", messages=[user("Hi.")], max_tokens=2)):
+                 lambda: bad.chat.completions.create(model="tiny", messages=[user_turn("Hi.")], max_tokens=2)):
         with pytest.raises(openai.AuthenticationError) as caught:
             call()
         openai_error(caught.value.status_code, caught.value.response.content, 401, "invalid_api_key")
@@ -301,7 +290,8 @@ def test_the_openai_client_with_a_wrong_key_gets_authentication_error(keyed):
 def test_the_key_opens_the_api(keyed, small_uri):
     good = client(keyed, KEY)
     assert [m.id for m in good.models.list().data] == ["tiny"]
-    r = good.chat.completions.create(model="tiny", messages=[user("Hello.", small_uri)], max_tokens=3, temperature=0)
+    r = good.chat.completions.create(model="tiny", messages=[user_turn("Hello.", small_uri)], max_tokens=3,
+                                     temperature=0)
     assert r.usage.completion_tokens >= 1
     assert "llava_gguf_requests_total{outcome=\"accepted\"}" in metrics(keyed, KEY)
 
@@ -332,7 +322,7 @@ def strict(tiny_pair):
 
 def noise_png(size: int) -> str:
     """A PNG that does not compress: size x size x 3 bytes and more."""
-    return png_uri(Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)))
+    return image_uri(Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)))
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -350,54 +340,56 @@ def chat(*messages: dict, **fields) -> dict:
 
 BAD_BODIES = {
     # name: (body, status, code, param, words the message must hold)
-    "bad base64": (lambda: chat(user("Hi.", "data:image/png;base64,!!not*base64!!")), 400, "invalid_base64",
+    "bad base64": (lambda: chat(user_turn("Hi.", "data:image/png;base64,!!not*base64!!")), 400, "invalid_base64",
                    IMAGE_URL, ["base64"]),
-    "not an image": (lambda: chat(user("Hi.", "data:image/png;base64," + base64.b64encode(b"just some text, no "
+    "not an image": (lambda: chat(user_turn("Hi.", "data:image/png;base64," + base64.b64encode(b"just some text, no "
                                                                                           b"pixels" * 4).decode())),
                      400, "invalid_image", IMAGE_URL, []),
-    "image over --max-image-bytes": (lambda: chat(user("Hi.", noise_png(128))), 413, "image_too_large", IMAGE_URL,
+    "image over --max-image-bytes": (lambda: chat(user_turn("Hi.", noise_png(128))), 413, "image_too_large", IMAGE_URL,
                                      [str(MAX_IMAGE_BYTES)]),
-    "too many images": (lambda: chat(user("Hi.", *[png_uri(sample_image(28, seed=i), "JPEG")
+    "too many images": (lambda: chat(user_turn("Hi.", *[image_uri(sample_image(28, seed=i), "JPEG")
                                                    for i in range(MAX_IMAGES + 1)])),
                         400, "too_many_images", "messages", [str(MAX_IMAGES + 1), str(MAX_IMAGES)]),
-    "unknown model": (lambda: {**chat(user("Hi.")), "model": "gpt-4o"}, 404, "model_not_found", "model", ["gpt-4o"]),
-    "temperature a string": (lambda: chat(user("Hi."), temperature="hot"), 400, "invalid_type", "temperature", []),
-    "max_tokens not an integer": (lambda: chat(user("Hi."), max_tokens=1.5), 400, "invalid_type", "max_tokens", []),
-    "max_tokens zero": (lambda: chat(user("Hi."), max_tokens=0), 400, None, "max_tokens", []),
+    "unknown model": (lambda: {**chat(user_turn("Hi.")), "model": "gpt-4o"}, 404, "model_not_found", "model",
+                      ["gpt-4o"]),
+    "temperature a string": (lambda: chat(user_turn("Hi."), temperature="hot"), 400, "invalid_type", "temperature", []),
+    "max_tokens not an integer": (lambda: chat(user_turn("Hi."), max_tokens=1.5), 400, "invalid_type", "max_tokens",
+                                  []),
+    "max_tokens zero": (lambda: chat(user_turn("Hi."), max_tokens=0), 400, None, "max_tokens", []),
     "messages not a list": (lambda: chat() | {"messages": "Hi."}, 400, "invalid_type", "messages", []),
     "messages missing": (lambda: {"model": "tiny"}, 400, "missing_required_parameter", "messages", []),
     "content a number": (lambda: chat({"role": "user", "content": 42}), 400, "invalid_type", "messages[0].content",
                          []),
     "unknown role": (lambda: chat({"role": "robot", "content": "Hi."}), 400, None, "messages[0].role", []),
-    "n=2": (lambda: chat(user("Hi."), n=2), 400, None, "n", []),
-    "body an array": (lambda: [chat(user("Hi."))], 400, None, None, []),
-    "http URL without --allow-remote-images": (lambda: chat(user("Hi.", "http://example.com/cat.png")), 400,
+    "n=2": (lambda: chat(user_turn("Hi."), n=2), 400, None, "n", []),
+    "body an array": (lambda: [chat(user_turn("Hi."))], 400, None, None, []),
+    "http URL without --allow-remote-images": (lambda: chat(user_turn("Hi.", "http://example.com/cat.png")), 400,
                                                "image_url_not_allowed", IMAGE_URL, ["--allow-remote-images"]),
-    "file URL without --media-root": (lambda: chat(user("Hi.", "file:///etc/hostname")), 400,
+    "file URL without --media-root": (lambda: chat(user_turn("Hi.", "file:///etc/hostname")), 400,
                                       "image_url_not_allowed", IMAGE_URL, ["--media-root"]),
-    "unknown URL scheme": (lambda: chat(user("Hi.", "ftp://example.com/cat.png")), 400, None, IMAGE_URL, []),
-    "image header over the pixel limit": (lambda: chat(user("Hi.", "data:image/png;base64," + base64.b64encode(
+    "unknown URL scheme": (lambda: chat(user_turn("Hi.", "ftp://example.com/cat.png")), 400, None, IMAGE_URL, []),
+    "image header over the pixel limit": (lambda: chat(user_turn("Hi.", "data:image/png;base64," + base64.b64encode(
         png_header(40000, 40000)).decode())), 413, "image_too_large", IMAGE_URL, ["megapixels"]),
     # under Pillow's refusal (179 MP) but over its warning (89 MP): the CLI would decode it for seconds
-    "image header of 100 megapixels": (lambda: chat(user("Hi.", "data:image/png;base64," + base64.b64encode(
+    "image header of 100 megapixels": (lambda: chat(user_turn("Hi.", "data:image/png;base64," + base64.b64encode(
         png_header(10000, 10000)).decode())), 413, "image_too_large", IMAGE_URL, ["100 megapixels"]),
-    "max_tokens past int32": (lambda: chat(user("Hi."), max_tokens=2**40), 400, None, "max_tokens", []),
-    "stream a string": (lambda: chat(user("Hi."), stream="yes"), 400, "invalid_type", "stream", []),
-    "seed a string": (lambda: chat(user("Hi."), seed="42"), 400, "invalid_type", "seed", []),
-    "five stop strings": (lambda: chat(user("Hi."), stop=["a", "b", "c", "d", "e"]), 400, None, "stop", []),
+    "max_tokens past int32": (lambda: chat(user_turn("Hi."), max_tokens=2**40), 400, None, "max_tokens", []),
+    "stream a string": (lambda: chat(user_turn("Hi."), stream="yes"), 400, "invalid_type", "stream", []),
+    "seed a string": (lambda: chat(user_turn("Hi."), seed="42"), 400, "invalid_type", "seed", []),
+    "five stop strings": (lambda: chat(user_turn("Hi."), stop=["a", "b", "c", "d", "e"]), 400, None, "stop", []),
     "empty messages": (lambda: chat() | {"messages": []}, 400, None, "messages", []),
-    "image in an assistant message": (lambda: chat(user("Hi."), {"role": "assistant", "content": [
+    "image in an assistant message": (lambda: chat(user_turn("Hi."), {"role": "assistant", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}), 400, None,
         "messages[1].content[0]", []),
     "audio content part": (lambda: chat({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}),
                            400, "unsupported_value", "messages[0].content[0].type", []),
     "image_url without url": (lambda: chat({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}),
                               400, "invalid_type", IMAGE_URL, []),
-    "data URI not base64": (lambda: chat(user("Hi.", "data:image/png,%89PNG")), 400, "invalid_image_url", IMAGE_URL,
-                            []),
+    "data URI not base64": (lambda: chat(user_turn("Hi.", "data:image/png,%89PNG")), 400, "invalid_image_url",
+                            IMAGE_URL, []),
     "text with a lone surrogate": (lambda: chat({"role": "user", "content": "Hi \ud800 there"}), 400, None,
                                    "messages[0].content", ["surrogate"]),
-    "bad response_format": (lambda: chat(user("Hi."), response_format={"type": "yaml"}), 400, None,
+    "bad response_format": (lambda: chat(user_turn("Hi."), response_format={"type": "yaml"}), 400, None,
                             "response_format.type", []),
 }
 
@@ -412,7 +404,7 @@ def test_bad_request_body_gets_its_status_and_openai_error(strict, name):
 
 
 def test_context_overflow_names_both_numbers(strict):
-    status, _, body = request(strict, "POST", "/v1/chat/completions", chat(user("one two three four " * 60)))
+    status, _, body = request(strict, "POST", "/v1/chat/completions", chat(user_turn("one two three four " * 60)))
     err = openai_error(status, body, 400, "context_length_exceeded", "messages")
     numbers = [int(n) for n in re.findall(r"\d+", err["message"])]
     assert SMALL_CTX in numbers, err
@@ -421,17 +413,17 @@ def test_context_overflow_names_both_numbers(strict):
 
 def test_context_overflow_when_streaming_is_a_plain_400_not_an_event_stream(strict):
     status, headers, body = request(strict, "POST", "/v1/chat/completions",
-                                    chat(user("one two three four " * 60), stream=True))
+                                    chat(user_turn("one two three four " * 60), stream=True))
     openai_error(status, body, 400, "context_length_exceeded", "messages")
     assert headers["content-type"].startswith("application/json")
 
 
 def test_the_openai_client_gets_bad_request_error(strict):
     with pytest.raises(openai.BadRequestError) as caught:
-        client(strict).chat.completions.create(model="tiny", messages=[user("Hi.")], temperature=5)
+        client(strict).chat.completions.create(model="tiny", messages=[user_turn("Hi.")], temperature=5)
     openai_error(caught.value.status_code, caught.value.response.content, 400, param="temperature")
     with pytest.raises(openai.NotFoundError) as caught:
-        client(strict).chat.completions.create(model="no-such-model", messages=[user("Hi.")])
+        client(strict).chat.completions.create(model="no-such-model", messages=[user_turn("Hi.")])
     openai_error(caught.value.status_code, caught.value.response.content, 404, "model_not_found", "model")
 
 
@@ -491,7 +483,7 @@ def test_unknown_routes_and_methods_answer_openai_errors(strict, method, path, w
 
 
 def test_the_server_still_answers_after_the_bad_requests(strict, small_uri):
-    r = client(strict).chat.completions.create(model="tiny", messages=[user("Hi.", small_uri)], max_tokens=3,
+    r = client(strict).chat.completions.create(model="tiny", messages=[user_turn("Hi.", small_uri)], max_tokens=3,
                                                temperature=0)
     assert r.usage.completion_tokens >= 1
 
@@ -558,7 +550,7 @@ def open_server(tiny_pair, media):
 def test_ssrf_guard_refuses_loopback_private_and_link_local(open_server, image_server, host):
     before = len(Recorder.seen)
     status, _, body = request(open_server, "POST", "/v1/chat/completions",
-                              chat(user("Hi.", f"http://{host}:{image_server}/x.png")))
+                              chat(user_turn("Hi.", f"http://{host}:{image_server}/x.png")))
     err = openai_error(status, body, 400, "image_url_not_allowed", IMAGE_URL)
     assert "SSRF" in err["message"] or "not a public" in err["message"], err
     assert len(Recorder.seen) == before  # the image server never got a request
@@ -581,8 +573,8 @@ def test_file_inside_media_root_answers_like_the_data_uri(open_server, media):
     root, _, image = media
     c = client(open_server)
     ask = dict(model="tiny", max_tokens=8, temperature=0)
-    by_file = c.chat.completions.create(messages=[user("What is this?", (root / "inside.png").as_uri())], **ask)
-    by_data = c.chat.completions.create(messages=[user("What is this?", png_uri(image))], **ask)
+    by_file = c.chat.completions.create(messages=[user_turn("What is this?", (root / "inside.png").as_uri())], **ask)
+    by_data = c.chat.completions.create(messages=[user_turn("What is this?", image_uri(image))], **ask)
     assert by_file.choices[0].message.content == by_data.choices[0].message.content
     assert by_file.usage.prompt_tokens == by_data.usage.prompt_tokens > 64  # the image's rows were in both
 
@@ -595,7 +587,7 @@ def test_file_outside_media_root_is_refused(open_server, media, where):
            "symlink": (root / "link.png").as_uri(),
            "dirlink": (root / "dirlink" / "secret.png").as_uri(),
            "missing": (root / "nothing.png").as_uri()}[where]
-    status, _, body = request(open_server, "POST", "/v1/chat/completions", chat(user("Hi.", url)))
+    status, _, body = request(open_server, "POST", "/v1/chat/completions", chat(user_turn("Hi.", url)))
     err = openai_error(status, body, 400, param=IMAGE_URL)
     assert err["code"] == ("image_not_found" if where == "missing" else "image_url_not_allowed"), err
     assert str(outside) not in err["message"] or where == "outside", err  # where a link leads is not told
@@ -616,13 +608,13 @@ def shipped(shipped_gguf):
 
 def scene_question(i: int) -> tuple[str, str]:
     scene, question = shapes.questions("test", 40 + i, 1)[0]
-    return png_uri(scene.image()), question.text
+    return image_uri(scene.image()), question.text
 
 
 def test_json_schema_output_parses_and_validates(shipped):
     image, _ = scene_question(0)
     r = client(shipped).chat.completions.create(
-        model="shapes", messages=[user("What color is the shape, and how many shapes are there?", image)],
+        model="shapes", messages=[user_turn("What color is the shape, and how many shapes are there?", image)],
         temperature=0, max_tokens=120,
         response_format={"type": "json_schema", "json_schema": {"name": "shape", "schema": SCHEMA, "strict": True}})
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
@@ -636,8 +628,9 @@ def test_json_object_output_is_an_object(shipped):
     image, question = scene_question(1)
     finished = 0
     for seed in range(3):
-        r = client(shipped).chat.completions.create(model="shapes", messages=[user(question, image)], temperature=1,
-                                                    seed=seed, max_tokens=60, response_format={"type": "json_object"})
+        r = client(shipped).chat.completions.create(model="shapes", messages=[user_turn(question, image)],
+                                                    temperature=1, seed=seed, max_tokens=60,
+                                                    response_format={"type": "json_object"})
         content = r.choices[0].message.content
         assert content.lstrip().startswith("{"), content  # the grammar held from the first token
         if r.choices[0].finish_reason == "stop":
@@ -647,7 +640,7 @@ def test_json_object_output_is_an_object(shipped):
 
 
 def test_a_schema_that_is_not_an_object_is_400(shipped):
-    status, _, body = request(shipped, "POST", "/v1/chat/completions", chat(user("Hi."), response_format={
+    status, _, body = request(shipped, "POST", "/v1/chat/completions", chat(user_turn("Hi."), response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": "not a schema"}}) | {"model": "shapes"})
     openai_error(status, body, 400, param="response_format.json_schema.schema")
 
@@ -666,7 +659,7 @@ def test_metrics_is_prometheus_text_and_counts(shipped):
     before = metrics(shipped)
     accepted = 'llava_gguf_requests_total{outcome="accepted"}'
     image, question = scene_question(2)  # an image no other test sent: encoded once, then from the cache
-    ask = dict(model="shapes", messages=[user(question, image)], temperature=0, max_tokens=8)
+    ask = dict(model="shapes", messages=[user_turn(question, image)], temperature=0, max_tokens=8)
     first = client(shipped).chat.completions.create(**ask)
     mid = metrics(shipped)
     assert mid[accepted] == before[accepted] + 1

@@ -5,8 +5,6 @@ resident memory before and after, its peak, and the p50/p95 request latency go t
 test-results/serve-load.json and are printed."""
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import statistics
@@ -22,7 +20,7 @@ import pytest
 from llava_gguf import LLaVA
 from llava_gguf.demo import shapes
 from llava_gguf.gguf.pairing import locate_pair
-from support import serve_process
+from support import image_uri, serve_process, user_turn
 
 CLIENTS = 32
 REQUESTS = 10  # per client
@@ -31,39 +29,6 @@ MAX_TOKENS = 12
 BUDGET = 100.0  # seconds for the whole load (the run fails past it rather than hang)
 MAX_RSS_GROWTH_KIB = 128 * 1024  # a leak of anything per request (an image, a response) shows past this
 RESULTS = Path(__file__).resolve().parents[1] / "test-results" / "serve-load.json"
-
-
-def data_uri(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def listening_pid(port: int) -> int:
-    """The process holding the loopback socket listening on `port` (serve_process yields only the URL):
-    the socket's inode from /proc/net/tcp*, then the process with a descriptor on it."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
-                inodes.add(fields[9])
-    assert inodes, f"nothing listens on port {port}"
-    targets = {f"socket:[{i}]" for i in inodes}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) in targets:
-                    return int(proc.name)
-        except OSError:  # a process gone meanwhile, or one we may not look into
-            continue
-    raise AssertionError(f"no process holds the socket listening on port {port}")
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -102,13 +67,13 @@ def expected(shipped_gguf, pairs):
 
 def test_32_clients_x_10_requests_no_errors_no_wrong_answers(shipped_gguf, pairs, expected):
     assert len(set(expected)) > 3  # different images and questions: different answers to tell apart
-    uris = [data_uri(image) for image, _ in pairs]
+    uris = [image_uri(image) for image, _ in pairs]
     with serve_process(shipped_gguf, "--parallel", "4", "--threads", "2", "--model-alias", "shapes",
                        "--queue", str(CLIENTS)) as url:
-        pid = listening_pid(urllib.parse.urlsplit(url).port)
+        pid = url.proc.pid
         warm = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         for k in range(4):  # every sequence used once: the memory measured after is the load's, not the start's
-            warm.chat.completions.create(model="shapes", messages=[message(uris[k], pairs[k][1])], temperature=0,
+            warm.chat.completions.create(model="shapes", messages=[user_turn(pairs[k][1], uris[k])], temperature=0,
                                          max_tokens=MAX_TOKENS)
         before, cpu_before, load_before = memory_kib(pid), cpu_seconds(pid), os.getloadavg()[0]
         latencies: list[float] = []
@@ -129,7 +94,7 @@ def test_32_clients_x_10_requests_no_errors_no_wrong_answers(shipped_gguf, pairs
                 k = (c * 7 + i * 13) % PAIRS  # clients interleave pairs: the same image in several sequences
                 t0 = time.perf_counter()
                 try:
-                    r = api.chat.completions.create(model="shapes", messages=[message(uris[k], pairs[k][1])],
+                    r = api.chat.completions.create(model="shapes", messages=[user_turn(pairs[k][1], uris[k])],
                                                     temperature=0, max_tokens=MAX_TOKENS)
                     answer = r.choices[0].message.content
                 except Exception as e:  # noqa: BLE001 - every failure is counted and reported
@@ -179,8 +144,3 @@ def test_32_clients_x_10_requests_no_errors_no_wrong_answers(shipped_gguf, pairs
     for outcome in ("failed", "cancelled", "rejected_queue_full"):
         assert float(counts[f'llava_gguf_requests_total{{outcome="{outcome}"}}']) == 0, outcome
     assert float(counts["llava_gguf_queue_depth"]) == 0
-
-
-def message(uri: str, question: str) -> dict:
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                        {"type": "text", "text": question}]}

@@ -54,8 +54,7 @@ class Output:
         except OSError as e:
             raise LlavaGgufError(f"cannot create the directory {path.parent}: {e.strerror}") from None
         if path.is_symlink():
-            raise LlavaGgufError(f"{path} is a symbolic link, which llava-gguf never writes through",
-                                 "give the real file's path")
+            raise symlink_error(path)
         if path.is_dir():
             raise LlavaGgufError(f"{path} is a directory", "-o names a .jsonl file")
         if resume:
@@ -123,6 +122,17 @@ class Output:
         self.close()
 
 
+def symlink_error(path: Path | str) -> LlavaGgufError:
+    """A symlink at OUT: checked before opening, and again when the open itself finds one (a race)."""
+    return LlavaGgufError(f"{path} is a symbolic link, which llava-gguf never writes through",
+                          "give the real file's path")
+
+
+def exists_error(path: Path | str) -> LlavaGgufError:
+    """What an OUT that already exists, without --resume or --force, is told (also before the model loads)."""
+    return LlavaGgufError(f"{path} already exists", "pass --resume to continue it, or --force to replace it")
+
+
 # ---------------------------------------------------------------------- helpers
 _APPEND = os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -132,10 +142,8 @@ def _create(path: Path) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _APPEND, 0o666)
     except FileExistsError:
         if path.is_symlink():
-            raise LlavaGgufError(f"{path} is a symbolic link, which llava-gguf never writes through",
-                                 "give the real file's path") from None
-        raise LlavaGgufError(f"{path} already exists",
-                             "pass --resume to continue it, or --force to replace it") from None
+            raise symlink_error(path) from None
+        raise exists_error(path) from None
     except OSError as e:
         raise write_error(e, path) from None
     try:
@@ -156,8 +164,7 @@ def _open_existing(path: Path) -> int | None:
         return None
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise LlavaGgufError(f"{path} is a symbolic link, which llava-gguf never writes through",
-                                 "give the real file's path") from None
+            raise symlink_error(path) from None
         raise LlavaGgufError(f"cannot open {path}: {e.strerror}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -22,9 +22,6 @@ from llava_gguf.runtime.prompt import Message
 from llava_gguf.runtime.sampling import Sampling, check_text, is_int, sampling_settings
 from llava_gguf.runtime.scheduler import Done, Failed, Job, Scheduler, Text
 
-_END = object()  # the reader has no more items
-
-
 @dataclass(frozen=True)
 class Settings:
     """How to answer: the sampling table (SAMPLING_DEFAULTS where not given), sequences, system prompt."""
@@ -37,7 +34,8 @@ class Settings:
 def _record(item: Item, model_id: str, **fields) -> dict:
     """LLaVA's answer record (question_id, prompt, text, answer_id, model_id, metadata) and ours."""
     rec = {"question_id": item.question_id, "prompt": item.prompt, "text": "", "answer_id": uuid.uuid4().hex,
-           "model_id": model_id, "metadata": {}, "key": item.key, "image": None if item.image is None else str(item.image)}
+           "model_id": model_id, "metadata": {}, "key": item.key,
+           "image": None if item.image is None else str(item.image)}
     if item.category is not None:
         rec["category"] = item.category
     rec.update(fields)
@@ -74,13 +72,14 @@ def answer(engine: Engine, items: Iterable[Item], settings: Settings, *, model_i
             events.put(("end", None))
 
     def _prepare(item: Item):
+        """(item, image, its content hash, problem): decoded and hashed here, off the loop that feeds the engine."""
         if item.error is not None:
-            return item, None, item.error
+            return item, None, None, item.error
         try:
             image = load_image(item.image)
-            return item, image, None
+            return item, image, content_hash(image), None
         except LlavaGgufError as e:
-            return item, None, e.one_line()
+            return item, None, None, e.one_line()
 
     thread = threading.Thread(target=reader, name="llava-gguf-batch-reader", daemon=True)
     thread.start()
@@ -95,13 +94,13 @@ def answer(engine: Engine, items: Iterable[Item], settings: Settings, *, model_i
                 if errors:
                     raise errors[0]
             elif kind == "item":
-                item, image, problem = value
+                item, image, sha256, problem = value
                 if problem is not None:
                     ahead.release()
                     yield _record(item, model_id, error=problem)
                     continue
                 n = next(ids)
-                flights[n] = _Flight(item, content_hash(image))
+                flights[n] = _Flight(item, sha256)
                 messages = ([Message("system", settings.system)] if settings.system else []) + \
                     [Message("user", item.prompt, n_images=1)]
                 scheduler.submit(Job(messages, [image], settings.sampling,

@@ -9,10 +9,9 @@ from typing import Optional
 
 import typer
 
-from llava_gguf.batch.output import Output
+from llava_gguf.batch.output import Output, exists_error
 from llava_gguf.batch.runner import run
 from llava_gguf.cli.progress import record_progress
-from llava_gguf.errors import LlavaGgufError
 from llava_gguf.runtime.sampling import sampling_settings
 from llava_gguf.settings import SAMPLING_DEFAULTS as DEFAULTS
 
@@ -40,7 +39,7 @@ def batch(
     """Answer every image or question of INPUT into OUT (resumable: --resume after a crash)."""
     sampling = sampling_settings(max_tokens=max_tokens, temperature=temp, seed=seed)
     if os.path.lexists(out) and not (resume or force):  # said before the model loads (Output.open checks again)
-        raise LlavaGgufError(f"{out} already exists (pass --resume to continue it, or --force to replace it)")
+        raise exists_error(out)
     done: set[str] = set()
     # inputs and model checked and loaded before OUT is created: a bad input leaves no empty OUT behind
     records = run(path, source, prompt=prompt, image_folder=image_folder, system=system, parallel=parallel,
@@ -52,10 +51,10 @@ def batch(
         with record_progress(sys.stderr.isatty(), records.total, output.resumed) as advance:
             for record in records:
                 output.write(record)
-                failed += record.get("error") is not None
-                advance(record.get("error") is not None)
-        done = output.count
-    typer.echo(f"{done} records written to {out}" + (f" ({output.resumed} were there already)" if resume else "")
+                bad = record.get("error") is not None
+                failed += bad
+                advance(bad)
+    typer.echo(f"{output.count} records written to {out}" + (f" ({output.resumed} were there already)" if resume else "")
                + (f"; {failed} failed (their `error` says why)" if failed else ""), err=True)
     if failed:
         raise typer.Exit(min(failed, 125))

@@ -126,8 +126,8 @@ class Engine:
 
     # ------------------------------------------------------------------ sequences
     def acquire(self, want: Sequence[Position] = ()) -> Slot:
-        """A free sequence: the one whose cache keeps most of the prompt `want` (positions), else the least
-        recently used (a released sequence may still hold its cells, for later prompts to share)."""
+        """A free sequence for the prompt `want` (positions), as kvcache.pick_free chooses: one whose whole cache
+        it continues, else an empty one, else the least recently used (a released sequence may hold cells)."""
         free = {s.seq: (s.held, s.used) for s in self.slots if not s.in_use}
         if not free:
             raise LlavaGgufError(f"all {len(self.slots)} sequences of the engine are in use")

@@ -1,17 +1,16 @@
-"""The scheduler `serve` and `batch` run an engine with: one thread owns the engine (nothing native is touched from another thread) and
-runs llama-server's loop over it — admit queued requests into free sequences (the one whose cache keeps
-most of the prompt; a longer prefix held by another sequence is copied in by the engine), then one
-engine.step() for every sequence at once (prompt chunks and one token per generating sequence in one
-llama_decode), then hand each sequence's new token to its request as text. A request whose prompt starts
-with what another sequence is still decoding (the same image, asked about again) waits for it and has it
-copied, rather than decoding it a second time.
+"""The scheduler `serve` and `batch` run an engine with: one thread owns the engine (nothing native is touched
+from another thread) and runs llama-server's loop over it — admit queued requests into free sequences
+(Engine.acquire: the one whose cache the prompt continues, else an empty one, else the least recently used; a
+longer prefix held by another sequence is copied in by the engine), then one engine.step() for every sequence
+at once (prompt chunks and one token per generating sequence in one llama_decode), then hand each sequence's
+new token to its request as text. A request whose prompt starts with what another sequence is still decoding
+(the same image, asked about again) waits for it and has it copied, rather than decoding it a second time.
 
 Requests talk to it through Job: submit() queues one (QueueFull past `queue` waiting), job.cancel() stops it
 (a client gone: its sequence's cells are freed), and the scheduler calls job.emit(event) from its thread with
 Started, Text, Done or Failed — the caller moves them to its own thread (asyncio: call_soon_threadsafe)."""
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import deque
@@ -123,7 +122,6 @@ class Scheduler:
         self.counters = Counters()
         self.cv = threading.Condition()
         self.stopping = False
-        self.ids = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="llava-gguf-scheduler", daemon=True)
         self.thread.start()
 

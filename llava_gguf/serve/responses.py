@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from llava_gguf.serve.errors import ApiError, context_length_exceeded, overloaded
-from llava_gguf.runtime.scheduler import Counters, Done, Failed, Started
+from llava_gguf.runtime.scheduler import Counters, Done, Failed
 
 
 @dataclass
@@ -81,11 +81,6 @@ def failure(f: Failed) -> ApiError:
     if f.kind == "unavailable":
         return overloaded(1, f.message)
     return ApiError(500, f.message, code="internal_error")
-
-
-def started_info(s: Started) -> dict:
-    return {"prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached, "images": s.images,
-            "images_encoded": s.images_encoded}
 
 
 def metrics_text(counters: Counters, snapshot: dict, *, images_encoded: int, decoded: int, copied: int,

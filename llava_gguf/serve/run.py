@@ -142,7 +142,6 @@ def serve(o: ServeOptions) -> int:
     server = Server(config)
     ending = threading.Timer(o.grace, lambda: state.scheduler and state.scheduler.shutdown())
     ending.daemon = True
-    holder: dict = {}
 
     def load() -> None:
         try:
@@ -152,7 +151,6 @@ def serve(o: ServeOptions) -> int:
             print(f"error: {state.error}", file=sys.stderr, flush=True)
             server.should_exit = True
             return
-        holder["engine"] = engine
         state.n_ctx = engine.n_ctx
         state.scheduler = Scheduler(engine, queue=o.queue)
         print(f"llava-gguf serve: {llm.name} + {mmproj.name}, {o.parallel} sequences of {engine.n_ctx} positions; "
@@ -166,8 +164,8 @@ def serve(o: ServeOptions) -> int:
     finally:
         ending.cancel()
         loader.join()
-        stopped = state.scheduler.stop() if state.scheduler is not None else True
-        if "engine" in holder and stopped:  # never under a scheduler thread still in native code
-            holder["engine"].close()
+        # the engine is closed only once its scheduler thread has stopped (never under it in native code)
+        if state.scheduler is not None and state.scheduler.stop():
+            state.scheduler.engine.close()
         sock.close()
     return 1 if state.error else 0
