@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from llava_gguf import LLaVA
-from llava_gguf.batch.runner import run
+from llava_gguf.batch.api import run
 from llava_gguf.demo import shapes
 from llava_gguf.gguf.pairing import locate_pair
 from llava_gguf.runtime.sampling import sampling_settings
@@ -32,7 +32,7 @@ def files(shipped_gguf):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """Six scene images, and LLaVA's question JSONL about them (three questions for two images)."""
+    """Six scene images, and LLaVA's question JSONL about them (four questions for two images)."""
     root = tmp_path_factory.mktemp("batch")
     images = root / "images"
     (images / "sub").mkdir(parents=True)
@@ -43,7 +43,8 @@ def folder(tmp_path_factory):
     lines = []
     for i in (0, 1):
         name = f"{'sub/' if i % 2 else ''}scene{i}.png"
-        for j, text in enumerate((shapes.DESCRIBE, "How many shapes are there?", "What color is the shape?")):
+        for j, text in enumerate((shapes.DESCRIBE, "How many shapes are there?", "What color is the shape?",
+                                  "Where is the shape?")):
             lines.append({"question_id": 100 + 10 * i + j, "image": name, "text": text, "category": "shapes"})
     lines.append({"question_id": 999, "image": "missing.png", "text": "Hi?"})
     qs.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -73,7 +74,10 @@ def test_captions_equal_generate_from_image(files, folder, reference, parallel):
     with run(files[0].parent, folder / "images", prompt=shapes.DESCRIBE, parallel=parallel,
              sampling=sampling_settings(temperature=0, max_tokens=MAX_TOKENS), threads=2) as records:
         got = list(records)
+        engine = records.engine
     assert len(got) == 6 and all(r.get("error") is None for r in got)
+    # a caption each: a KV cache per sequence (nothing copied), and still every answer generate_from_image's
+    assert not engine.shares and engine.stats.copied == 0
     for r in got:
         assert r["text"] == reference(folder / "images" / r["question_id"], shapes.DESCRIBE), r
         assert len(r["image_sha256"]) == 64 and r["tokens"]["completion"] > 3
@@ -84,12 +88,15 @@ def test_questions_about_one_image_share_its_prefill(files, folder):
              sampling=sampling_settings(temperature=0, max_tokens=MAX_TOKENS)) as records:
         got = list(records)
         stats = records.engine.stats
-    assert len(got) == 7 and sum(r.get("error") is not None for r in got) == 1
-    assert stats.images_encoded == 2  # two images, three questions each
-    # the second and third question of each image took its rows from a cache (copied from the sequence that
+    assert len(got) == 9 and sum(r.get("error") is not None for r in got) == 1
+    assert stats.images_encoded == 2  # two images, four questions each
+    # the second to fourth question of each image took its rows from a cache (copied from the sequence that
     # decoded them, or kept in the sequence itself)
-    assert stats.copied + stats.reused >= 2 * 2 * IMAGE_ROWS
-    assert stats.decoded < 6 * IMAGE_ROWS  # less than the six prompts' image rows alone
+    assert stats.copied + stats.reused >= 2 * 3 * IMAGE_ROWS
+    for image in ("scene0.png", "sub/scene1.png"):
+        cached = sorted(r["tokens"]["cached"] for r in got if r["image"].endswith(image))
+        # its rows decoded once: one question decoded them, the three others found them cached
+        assert len(cached) == 4 and cached[0] < IMAGE_ROWS and min(cached[1:]) > IMAGE_ROWS, (image, cached)
 
 
 def test_llava_jsonl_in_answer_format_out_and_an_error_record(files, folder, reference, tmp_path):
@@ -100,7 +107,7 @@ def test_llava_jsonl_in_answer_format_out_and_an_error_record(files, folder, ref
     assert p.returncode == 1, p.stderr  # one record failed: the exit status counts them
     assert "1 failed" in p.stderr and "Traceback" not in p.stderr
     records = {r["question_id"]: r for r in read(out)}
-    assert sorted(records) == [100, 101, 102, 110, 111, 112, 999]
+    assert sorted(records) == [100, 101, 102, 103, 110, 111, 112, 113, 999]
     for qid, r in records.items():
         assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(r)
         if qid == 999:
@@ -111,7 +118,7 @@ def test_llava_jsonl_in_answer_format_out_and_an_error_record(files, folder, ref
     # an existing OUT is never overwritten without --force, and the model is not even loaded for it
     again = run_cli("batch", str(files[0].parent), str(folder / "questions.jsonl"), "-o", str(out))
     assert again.returncode == 1 and "already exists" in again.stderr
-    assert len(read(out)) == 7
+    assert len(read(out)) == 9
 
 
 def test_sigkill_then_resume_gives_every_record_once(files, folder, tmp_path):

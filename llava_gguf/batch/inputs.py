@@ -1,22 +1,26 @@
-"""What a batch answers: the records of a directory of images, a text file of image paths or a question JSONL
-in LLaVA's evaluation format, as a lazy stream of `Item`s (memory stays flat over any number of records).
+"""What a batch answers: the records of a directory of images, a text file of image paths, a question JSONL
+in LLaVA's evaluation format or a Parquet file (an image column of bytes or paths, an optional question column),
+as a lazy stream of `Item`s (memory stays flat over any number of records).
 
 Each kind is one reader function in READERS; `detect_kind` picks it. A file is validated in a first pass
-(UTF-8, JSON, duplicate keys, not empty) so a malformed input fails with one line naming file:line before any
-model work, and re-read lazily in a second. A problem with one record (its image missing, no question) is not
-an exception: the item carries `error` and the runner writes it as an error record."""
+(UTF-8, JSON, duplicate keys, not empty; for Parquet its columns and question_ids, no image read) so a
+malformed input fails with one line naming file:line (file#row=N) before any model work, and re-read lazily
+in a second. A problem with one record (its image missing, no question) is not an exception: the item carries
+`error` and the runner writes it as an error record."""
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from llava_gguf.batch.parquet import ParquetInput, Row
 from llava_gguf.errors import LlavaGgufError, warn
 from llava_gguf.runtime.images import IMAGE_SUFFIXES
 
@@ -29,7 +33,9 @@ _MAX_PATH_BYTES = 4096  # PATH_MAX: a longer "line" is text, not a path
 @dataclass(frozen=True)
 class Item:
     """One record to answer. `key` is the resume key (unique in the input); `error` a problem found while
-    reading (the image cannot be located, no question): the runner writes it as an error record."""
+    reading (the image cannot be located, no question): the runner writes it as an error record. The image is
+    the file `image`, or the encoded bytes `data` when the input holds the image itself (Parquet; `image` is
+    None then and `where` says which row)."""
 
     key: str
     question_id: str | int
@@ -38,11 +44,12 @@ class Item:
     category: str | None = None
     where: str = ""
     error: str | None = None
+    data: bytes | None = field(default=None, repr=False)  # a repr (a failing test) shows no image bytes
 
 
 class ItemSource(NamedTuple):
-    """An input: its kind ("directory", "text", "jsonl"), how many records it holds, and the records (lazy,
-    single pass, deterministic order)."""
+    """An input: its kind ("directory", "text", "jsonl", "parquet"), how many records it holds, and the records
+    (lazy, single pass, deterministic order)."""
 
     kind: str
     count: int
@@ -75,23 +82,34 @@ def detect_kind(source: Path) -> str:
     raise LlavaGgufError(f"input {source} is empty")
 
 
-def read_items(source: Path | str, *, prompt: str | None = None, image_folder: Path | str | None = None) -> ItemSource:
+def read_items(source: Path | str, *, prompt: str | None = None, image_folder: Path | str | None = None,
+               image_column: str | None = None, question_column: str | None = None) -> ItemSource:
     """The records of `source`. `prompt`: the question where the input has none (directory, text file, a
-    JSONL record without `text`); `image_folder`: where relative image paths start (default: the input
-    file's directory). A malformed input raises one-line LlavaGgufError here, before any record is read."""
+    JSONL record without `text`, a Parquet without a question column or a row whose question is null);
+    `image_folder`: where relative image paths start (default: the input file's directory);
+    `image_column`/`question_column`: a Parquet's columns, when not found by name and type.
+    A malformed input raises one-line LlavaGgufError here, before any record is read."""
     source = Path(source)
     folder = Path(image_folder) if image_folder is not None else None
     if folder is not None and not folder.is_dir():
         raise LlavaGgufError(f"--image-folder {folder} is not a directory")
     if prompt is not None and not prompt.strip():
         raise LlavaGgufError("--prompt is empty")
+    columns = {"--image-column": image_column, "--question-column": question_column}
+    for option, name in columns.items():
+        if name is not None and not name.strip():
+            raise LlavaGgufError(f"{option} is empty")
     kind = detect_kind(source)
-    reader = READERS.get(kind)
-    if reader is None:
-        raise LlavaGgufError(f"{kind} input is not supported yet: {source}",
-                             "give a directory of images, a text file of paths or a question JSONL")
+    reader = READERS[kind]
+    if kind == "parquet":
+        reader = functools.partial(reader, image_column=image_column, question_column=question_column)
+    elif given := [option for option, name in columns.items() if name is not None]:
+        raise LlavaGgufError(f"{given[0]} is for a Parquet input; {source} is a {_KIND_NAMES[kind]}")
     count, items = reader(source, prompt, folder)
     return ItemSource(kind, count, items)
+
+
+_KIND_NAMES = {"directory": "directory of images", "text": "list of image paths", "jsonl": "question JSONL"}
 
 
 def _need_prompt(source: Path, prompt: str | None, what: str) -> str:
@@ -257,9 +275,51 @@ def _question(record: dict, base: Path, prompt: str | None, where: str) -> Item:
     return _located(key, qid, base / image, text, category, where)
 
 
+# ---------------------------------------------------------------------------------------------- Parquet
+def read_parquet(source: Path, prompt: str | None, folder: Path | None, *, image_column: str | None = None,
+                 question_column: str | None = None) -> tuple[int, Iterator[Item]]:
+    """A Parquet file, one record a row (see llava_gguf.batch.parquet for how its columns are found): the image
+    as bytes, or a path relative to `folder` else the file's directory; the question from its column, else
+    `prompt`. The resume key is the question_id column's value, else the file's name, row and question."""
+    table = ParquetInput.open(source, image_column=image_column, question_column=question_column)
+    if table.columns.question is None and prompt is None:
+        raise LlavaGgufError(f"{source} has no question column (question, text or prompt)",
+                             "give the question with --prompt, or name its column with --question-column")
+    base = folder if folder is not None else source.parent
+    keyed = table.columns.question_id is not None
+
+    def items() -> Iterator[Item]:
+        for row in table.rows():
+            yield _row_item(source, row, prompt, base, keyed)
+
+    return table.count, items()
+
+
+def _row_item(source: Path, row: Row, prompt: str | None, base: Path, keyed: bool) -> Item:
+    text, problem = row.question, None
+    if text is None:  # no question column, or this row's question is null
+        if prompt is None:
+            problem = f"row {row.index} has no question (give --prompt for rows without one)"
+        text = prompt or ""
+    qid = row.question_id if keyed else row.index
+    key = str(qid) if keyed else caption_key(f"{source.name}#{row.index}", text)
+    where = f"{source}#row={row.index}"
+    if problem is None and row.data is None and not row.path:
+        problem = f"row {row.index} has no image"
+    if problem is None and row.data == b"":
+        problem = f"row {row.index}'s image is empty (0 bytes)"
+    if problem is not None:
+        return Item(key, qid, None, text, row.category, where, problem)
+    if row.data is not None:
+        return Item(key, qid, None, text, row.category, where, data=row.data)
+    return _located(key, qid, base / row.path, text, row.category, where)
+
+
 # ---------------------------------------------------------------------------------------------- shared
 def _located(key: str, qid: str | int, path: Path, prompt: str, category: str | None, where: str) -> Item:
-    """An item whose image is checked to be a file now, so a missing one is an error record, not a stop."""
+    """An item whose image is checked to be a file now, so a missing one is an error record, not a stop (its
+    path made absolute: what the record and every error say, in this process and on Ray alike)."""
+    path = path.absolute()
     try:
         ok = path.is_file()
     except (OSError, ValueError):  # ValueError: a NUL byte in the name
@@ -288,6 +348,7 @@ def _lines(source: Path) -> Iterator[tuple[int, str]]:
 
 
 Reader = Callable[[Path, "str | None", "Path | None"], "tuple[int, Iterator[Item]]"]
-# One function per kind; a Parquet reader (image column: bytes or path; optional question column) is one
-# more entry here and "parquet" is already detected.
-READERS: dict[str, Reader] = {"directory": read_directory, "text": read_text, "jsonl": read_jsonl}
+# One function per kind detect_kind names: (source, prompt, image folder) -> (count, lazy items). A kind with
+# options of its own takes them as keywords, bound by read_items (Parquet: image_column, question_column).
+READERS: dict[str, Reader] = {"directory": read_directory, "text": read_text, "jsonl": read_jsonl,
+                              "parquet": read_parquet}

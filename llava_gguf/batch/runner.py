@@ -9,37 +9,55 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_gguf.batch.inputs import Item, read_items
-from llava_gguf.errors import InvalidSetting, LlavaGgufError
-from llava_gguf.gguf.pairing import locate_pair
+from llava_gguf.batch.inputs import Item
+from llava_gguf.errors import LlavaGgufError
 from llava_gguf.runtime.engine import Engine
 from llava_gguf.runtime.images import content_hash, load_image
 from llava_gguf.runtime.prompt import Message
-from llava_gguf.runtime.sampling import Sampling, check_text, is_int, sampling_settings
+from llava_gguf.runtime.sampling import Sampling
 from llava_gguf.runtime.scheduler import Done, Failed, Job, Scheduler, Text
 
 @dataclass(frozen=True)
 class Settings:
-    """How to answer: the sampling table (SAMPLING_DEFAULTS where not given), sequences, system prompt."""
+    """How to answer: the sampling table (SAMPLING_DEFAULTS where not given), sequences, system prompt, and
+    whether records share prefixes (several questions about one image: one KV cache, prefixes copied) or not
+    (a caption each: a KV cache per sequence, each prefill attending over its own cells only)."""
 
     sampling: Sampling
     parallel: int = 2
     system: str | None = None
+    share_prefixes: bool = True
 
 
 def _record(item: Item, model_id: str, **fields) -> dict:
     """LLaVA's answer record (question_id, prompt, text, answer_id, model_id, metadata) and ours."""
     rec = {"question_id": item.question_id, "prompt": item.prompt, "text": "", "answer_id": uuid.uuid4().hex,
            "model_id": model_id, "metadata": {}, "key": item.key,
-           "image": None if item.image is None else str(item.image)}
+           "image": item.where if item.image is None else str(Path(item.image).absolute())}
     if item.category is not None:
         rec["category"] = item.category
     rec.update(fields)
     return rec
+
+
+def error_record(item: Item, model_id: str, message: str) -> dict:
+    """The record of an item that could not be answered: `error` says why."""
+    return _record(item, model_id, error=message)
+
+
+def prepare(item: Item) -> tuple[Item, object, str | None, str | None]:
+    """(item, image, its content hash, problem): decoded and hashed off the loop that feeds the engine."""
+    if item.error is not None:
+        return item, None, None, item.error
+    try:
+        image = load_image(item.data if item.data is not None else item.image)
+        return item, image, content_hash(image), None
+    except LlavaGgufError as e:
+        return item, None, None, e.one_line()
 
 
 class _Flight:
@@ -65,21 +83,11 @@ def answer(engine: Engine, items: Iterable[Item], settings: Settings, *, model_i
                 if stop.is_set():
                     break
                 ahead.acquire()
-                events.put(("item", _prepare(item)))
+                events.put(("item", prepare(item)))
         except BaseException as e:  # noqa: BLE001 - the input's own error (a bad line): raised by answer()
             errors.append(e)
         finally:
             events.put(("end", None))
-
-    def _prepare(item: Item):
-        """(item, image, its content hash, problem): decoded and hashed here, off the loop that feeds the engine."""
-        if item.error is not None:
-            return item, None, None, item.error
-        try:
-            image = load_image(item.image)
-            return item, image, content_hash(image), None
-        except LlavaGgufError as e:
-            return item, None, None, e.one_line()
 
     thread = threading.Thread(target=reader, name="llava-gguf-batch-reader", daemon=True)
     thread.start()
@@ -97,7 +105,7 @@ def answer(engine: Engine, items: Iterable[Item], settings: Settings, *, model_i
                 item, image, sha256, problem = value
                 if problem is not None:
                     ahead.release()
-                    yield _record(item, model_id, error=problem)
+                    yield error_record(item, model_id, problem)
                     continue
                 n = next(ids)
                 flights[n] = _Flight(item, sha256)
@@ -137,33 +145,14 @@ def model_id_of(llm: Path) -> str:
     return llm.stem
 
 
-def run(path: str | Path, source: str | Path, *, prompt: str | None = None, image_folder: str | Path | None = None,
-        system: str | None = None, parallel: int = 2, sampling: Sampling | None = None, threads: int | None = None,
-        n_ctx: int | None = None, llm: str | Path | None = None, mmproj: str | Path | None = None,
-        skip: Collection[str] = (), verbose: bool = False) -> BatchRun:
-    """`llava_gguf.batch.run(...)`: the model at `path` (what `chat` takes) answering every record of `source`
-    (a directory of images, a text file of image paths, or LLaVA's question JSONL) whose key is not in `skip`
-    (looked up as records are read: a set filled after this call, e.g. from the output's keys, counts).
-    Everything is checked now (one-line LlavaGgufError); iterate the result for records, as they finish."""
-    if not is_int(parallel) or not 1 <= parallel <= 64:
-        raise InvalidSetting(f"--parallel must be from 1 to 64, not {parallel!r}")
-    if system is not None:
-        check_text(system, "the system prompt")
-    if prompt is not None:
-        check_text(prompt, "the prompt")
-    settings = Settings(sampling or sampling_settings(), parallel, system)
-    found = read_items(Path(source), prompt=prompt, image_folder=image_folder)
-    llm_path, mmproj_path = locate_pair(path, llm, mmproj)
-    engine = Engine.open(llm_path, mmproj_path, n_seq_max=parallel, n_ctx=n_ctx, n_threads=threads, verbose=verbose)
-    items = (it for it in found.items if it.key not in skip)
-    return BatchRun(engine, answer(engine, items, settings, model_id=model_id_of(llm_path)), found.kind, found.count)
-
-
 class BatchRun:
-    """The records of a run (an iterator), what the input is, and its engine (closed when the run ends)."""
+    """The records of a run (an iterator), what the input is and how many records it holds; `close` frees
+    what answers them (the model, or the Ray connection) when the run ends; `engine` is the model answering
+    in this process (None on Ray), for its counters."""
 
-    def __init__(self, engine: Engine, records: Iterator[dict], kind: str, total: int) -> None:
-        self.engine, self.records, self.kind, self.total = engine, records, kind, total
+    def __init__(self, records: Iterator[dict], kind: str, total: int, close: Callable[[], None],
+                 engine: Engine | None = None) -> None:
+        self.records, self.kind, self.total, self._close, self.engine = records, kind, total, close, engine
 
     def __iter__(self) -> Iterator[dict]:
         try:
@@ -173,8 +162,10 @@ class BatchRun:
 
     def close(self) -> None:
         """Stop answering and free the model (also when the records were never iterated)."""
-        self.records.close()
-        self.engine.close()
+        try:
+            self.records.close()
+        finally:
+            self._close()
 
     def __enter__(self) -> BatchRun:
         return self

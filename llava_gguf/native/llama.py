@@ -102,11 +102,14 @@ class Model:
 class Context:
     """One llama_context: `n_seq_max` sequences over one unified KV cache of `n_ctx` cells (kv_unified:
     llama.cpp copies a prefix between sequences of split caches only for whole buffers, and asserts —
-    "seq_cp() is only supported for full KV buffers" — otherwise). The other settings are the ones
+    "seq_cp() is only supported for full KV buffers" — otherwise), or with `unified=False` a cache of its
+    own for each sequence (n_ctx / n_seq_max cells; no copies between them, but a sequence's attention spans
+    only its own cells, not every sequence's: cheaper prefill when sequences share nothing). The others are the ones
     llama-cpp-python's Llama used, so answers stay what they were: n_batch = n_ubatch = min(n_ctx, 512),
     no flash attention."""
 
-    def __init__(self, model: Model, *, n_ctx: int, n_threads: int, n_seq_max: int = 1, n_batch: int = 512) -> None:
+    def __init__(self, model: Model, *, n_ctx: int, n_threads: int, n_seq_max: int = 1, n_batch: int = 512,
+                 unified: bool = True) -> None:
         lc = _lc()
         params = lc.llama_context_default_params()
         self.n_batch = min(n_ctx, n_batch)
@@ -114,7 +117,7 @@ class Context:
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = n_seq_max
-        params.kv_unified = True
+        params.kv_unified = unified or n_seq_max == 1
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -225,6 +225,8 @@ class Scheduler:
         """Whether a longer prefix of `want` than any sequence holds is in another sequence's pending work (an
         image an earlier request is decoding): then the request waits and copies it, instead of decoding it
         again (the pending work is decoded by the next steps, so the wait ends)."""
+        if not self.engine.shares:
+            return False  # a KV cache per sequence: nothing can be copied, so nothing is worth waiting for
         now = max((reusable_prefix(s.held, want) for s in self.engine.slots if s.held), default=0)
         later = max((reusable_prefix(s.future(), want) for s in self.engine.slots if s.in_use and s.pending),
                     default=0)

@@ -178,14 +178,14 @@ def test_malformed_input_fails_before_any_item(tmp_path):
     one_line_error(f"{q}:51", read_items, q)
 
 
-def test_empty_jsonl_and_parquet_not_yet(tmp_path):
+def test_empty_jsonl_text_and_parquet(tmp_path):
     empty = tmp_path / "q.jsonl"
     empty.write_text("\n\n", encoding="utf-8")
     one_line_error("holds no questions", read_items, empty)
     (tmp_path / "e.txt").write_bytes(b"")
     one_line_error("is empty", read_items, tmp_path / "e.txt", prompt=PROMPT)
     (tmp_path / "t.parquet").write_bytes(b"PAR1")
-    one_line_error("parquet input is not supported yet", read_items, tmp_path / "t.parquet", prompt=PROMPT)
+    one_line_error("is not a readable Parquet file", read_items, tmp_path / "t.parquet", prompt=PROMPT)
 
 
 def test_image_folder_must_be_a_directory(tmp_path):

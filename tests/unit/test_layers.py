@@ -18,7 +18,7 @@ PACKAGE = ROOT / "llava_gguf"
 MAX_LINES = 400
 # imported inside a function only: slow to import or not always installed (each such import says so)
 HEAVY = {"torch", "transformers", "llama_cpp", "fastapi", "uvicorn", "starlette", "huggingface_hub", "ray",
-         "playwright", "pillow_heif", "readline", "sentencepiece"}
+         "playwright", "pillow_heif", "readline", "sentencepiece", "pyarrow"}
 
 
 def sources(*roots: Path) -> list[Path]:
