@@ -27,6 +27,7 @@ from devkit.tiny import sample_image
 from llava_gguf.families.llava15 import vicuna_prompt_segments
 from llava_gguf.checks.reference import image_features, load_hf_model, pixel_values
 from llava_gguf.gguf.mmproj_defects import FEATURE_LAYER_KEY
+from llava_gguf.errors import LlavaGgufError
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -137,6 +138,15 @@ def assert_clean_failure(p: subprocess.CompletedProcess, outdir: Path, *words: s
 def legacy_mmproj(mmproj: Path, dest: Path) -> Path:
     """An mmproj without its feature layer: something `repair` rewrites."""
     return rewrite_gguf(mmproj, dest, drop_keys=(FEATURE_LAYER_KEY,))
+
+
+def one_line_error(match: str, fn, *args, **kwargs) -> str:
+    """`fn(*args, **kwargs)` raises a LlavaGgufError matching `match`, said in one line; its text."""
+    with pytest.raises(LlavaGgufError, match=match) as e:
+        fn(*args, **kwargs)
+    text = str(e.value)
+    assert "\n" not in text
+    return text
 
 
 def one_error_line(p: subprocess.CompletedProcess, *words: str) -> str:

@@ -215,9 +215,12 @@ def test_a_context_larger_than_memory_is_refused_before_allocating(pair, image):
     assert said.startswith("a context of 100000000 tokens needs ") and "of KV cache: 2 layers x 2 KV heads x 64 dims" \
         in said and "is available" in said, said
     # the CLI: one line, no warning about the training context first, and no gigabytes touched
-    p = subprocess.run([sys.executable, "-c", "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+    # the child's peak RSS from /proc (VmHWM: this process image's own), not getrusage's ru_maxrss, which
+    # survives execve: a child spawned by this (by now large) pytest process would report pytest's size
+    p = subprocess.run([sys.executable, "-c", "import re, runpy, sys; sys.argv = sys.argv[1:]\n"
                         "try: runpy.run_module('llava_gguf', run_name='__main__')\n"
-                        "finally: print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)",
+                        "finally: print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1], "
+                        "file=sys.stderr)",
                         "llava-gguf", "chat", str(pair[0]), "--mmproj", str(pair[1]), "--image", str(image),
                         "--prompt", "Hi?", "--ctx", "100000000"], capture_output=True, text=True, timeout=300)
     *lines, rss_kb = p.stderr.strip().splitlines()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llava_gguf.batch.inputs import Item, caption_key, detect_kind, read_items
-from llava_gguf.errors import LlavaGgufError
+from support import one_line_error
 
 PROMPT = "Describe the image."
 
@@ -26,14 +26,6 @@ def touch(path: Path) -> Path:
 def jsonl(path: Path, *records, raw: str = "") -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + raw, encoding="utf-8")
     return path
-
-
-def one_line_error(match: str, fn, *args, **kwargs) -> str:
-    with pytest.raises(LlavaGgufError, match=match) as e:
-        fn(*args, **kwargs)
-    text = str(e.value)
-    assert "\n" not in text
-    return text
 
 
 # ---------------------------------------------------------------------------------------------- directory

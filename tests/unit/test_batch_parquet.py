@@ -19,6 +19,7 @@ from llava_gguf.batch.inputs import Item, caption_key, read_items
 from llava_gguf.batch.parquet import BATCH_ROWS
 from llava_gguf.errors import LlavaGgufError
 from llava_gguf.runtime.images import load_image
+from support import one_line_error
 
 PROMPT = "Describe the image."
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image() as stored in Parquet
@@ -34,14 +35,6 @@ def parquet(path: Path, columns: dict, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), path, **kwargs)
     return path
-
-
-def one_line_error(match: str, fn, *args, **kwargs) -> str:
-    with pytest.raises(LlavaGgufError, match=match) as e:
-        fn(*args, **kwargs)
-    text = str(e.value)
-    assert "\n" not in text
-    return text
 
 
 # ---------------------------------------------------------------------------------------------- image kinds
