@@ -30,15 +30,15 @@ def run(path: str | Path, source: str | Path, *, prompt: str | None = None, imag
     for text, what in ((system, "the system prompt"), (prompt, "the prompt")):
         if text is not None:
             check_text(text, what)
-    settings = Settings(sampling or sampling_settings(), parallel, system)
     found = read_items(Path(source), prompt=prompt, image_folder=image_folder, image_column=image_column,
                        question_column=question_column)
     # a folder or a list is asked one question an image: nothing to share between sequences
-    settings = replace(settings, share_prefixes=found.kind not in ("directory", "text"))
+    settings = Settings(sampling or sampling_settings(), parallel, system,
+                        share_prefixes=found.kind not in ("directory", "text"))
     files = locate_pair(path, llm, mmproj)
     if ray is not None:
         if ray.threads is None and threads is not None:
-            ray = Cluster(ray.workers, threads, ray.address)
+            ray = replace(ray, threads=threads)
         return run_on_ray(found, files, settings, ray, n_ctx=n_ctx, skip=skip, verbose=verbose)
     engine = Engine.open(*files, n_seq_max=parallel, n_ctx=n_ctx, n_threads=threads, verbose=verbose,
                          share_prefixes=settings.share_prefixes)

@@ -117,7 +117,7 @@ def _connect(ray, cluster: Cluster, verbose: bool) -> bool:
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # the failure is said once, by us
     if ray.is_initialized():
-        _quiet_data(ray, verbose)
+        _configure_data(ray, verbose)
         return False
     if cluster.address is not None:
         _reachable(cluster.address)
@@ -134,11 +134,13 @@ def _connect(ray, cluster: Cluster, verbose: bool) -> bool:
         raise LlavaGgufError(f"cannot {where}: {first}",
                              "`ray start --head` on the head node, then --ray-address auto" if cluster.address else ""
                              ) from None
-    _quiet_data(ray, verbose)
+    _configure_data(ray, verbose)
     return True
 
 
-def _quiet_data(ray, verbose: bool) -> None:
+def _configure_data(ray, verbose: bool) -> None:
+    """Ray Data for this run: no progress bars or stats of its own (ours is the progress bar), and a record
+    an output block."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = verbose  # ours is the progress bar
     context.enable_operator_progress_bars = verbose
