@@ -279,12 +279,13 @@ def quick_files(outdir: Path) -> tuple[Path, Path]:
     return r.llm, r.mmproj
 
 
-def contenders(llm: Path, mmproj: Path, ctx: int, server_bin: Path | None, only: set[str]) -> list[Server]:
+def contenders(llm: Path, mmproj: Path, ctx: int, server_bin: Path | None, only: set[str],
+               flash_attn: str = "auto", reverse: bool = False) -> list[Server]:
     """The three servers, same files, 2 threads, PARALLEL conversations of `ctx` positions where they have them."""
     m, p, port_b, port_c = str(llm), str(mmproj), free_port(), free_port()
     ours = [sys.executable, "-m", "llava_gguf", "serve", m, "--mmproj", p, "--port", "0", "--parallel",
             str(PARALLEL), "--ctx", str(ctx), "--threads", "2", "--model-alias", MODEL]
-    stock = [str(server_bin), "-m", m, "--mmproj", p, "-np", str(PARALLEL), "--kv-unified", "-c", str(ctx * PARALLEL),
+    stock = [str(server_bin), "-m", m, "--mmproj", p, "-np", str(PARALLEL), "--kv-unified", "-c", str(ctx * PARALLEL), "-fa", flash_attn,
              "-t", "2", "-tb", "2", "--host", "127.0.0.1", "--port", str(port_b), "--alias", MODEL,
              "--jinja", "--chat-template", TEMPLATE]
     lcp = [sys.executable, "-m", "llama_cpp.server", "--model", m, "--clip_model_path", p, "--chat_format",
@@ -294,7 +295,7 @@ def contenders(llm: Path, mmproj: Path, ctx: int, server_bin: Path | None, only:
     servers = [Server("llava-gguf serve (ours)", ours, None),
                Server(LLAMA_SERVER, stock, port_b, {"LLAMA_MEDIA_MARKER": MARKER}),
                Server("llama-cpp-python server", lcp, port_c)]
-    return [s for key, s in zip(CONTENDERS, servers) if key in only]
+    return [s for key, s in zip(CONTENDERS, servers) if key in only][::-1 if reverse else 1]
 
 
 def fmt(x: float, spec: str = ".2f") -> str:
@@ -328,6 +329,11 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024, help="positions per conversation (image + prompt + answer fit)")
     ap.add_argument("--llama-server", type=Path, default=None, help=f"the binary (default {DEFAULT_LLAMA_SERVER})")
     ap.add_argument("--only", default=",".join(CONTENDERS), help="some of " + ",".join(CONTENDERS))
+    ap.add_argument("--reverse", action="store_true", help="run the contenders in the reverse order (alternating "
+                    "rounds on a noisy machine)")
+    ap.add_argument("--llama-server-flash-attn", choices=("auto", "on", "off"), default="auto",
+                    help="llama-server's -fa (auto, its default, turns it on here; off: like for like with ours, "
+                         "which runs without flash attention as llama-cpp-python does); not auto: not written to the doc")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -348,7 +354,8 @@ def main() -> None:
                 sample_image(336, seed=next(seeds)).save(buf, format="PNG")
                 sizes[key].append(buf.getvalue())
         results: dict[str, dict] = {}
-        for server in contenders(llm, mmproj, args.ctx, server_bin, only):
+        for server in contenders(llm, mmproj, args.ctx, server_bin, only, args.llama_server_flash_attn,
+                                 args.reverse):
             print(f"{server.label}: starting", flush=True)
             server.start(timeout=900)
             try:
@@ -383,7 +390,7 @@ def main() -> None:
             f"Load average of the machine (shared) when the run began: {load}. Peak RSS: "
             "the server process's VmHWM; wall: its whole session (start, load, all requests, stop).\n\n"
             f"Command: `python -m bench.serve{' --quick' if args.quick else ''}` ({today})")
-    if not args.no_doc and not args.quick and only == set(CONTENDERS):  # the doc: the full side by side only
+    if not args.no_doc and not args.quick and only == set(CONTENDERS) and args.llama_server_flash_attn == "auto":  # the doc: the full side by side only
         update_doc(BENCHMARKS_DOC, "serve", "serve (OpenAI-compatible server)", body)
     print(text)
 

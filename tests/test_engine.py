@@ -113,6 +113,26 @@ def test_a_held_prefix_is_copied_not_decoded(engine):
         engine.release(b)
 
 
+def test_a_copied_prefix_is_trimmed_to_what_is_shared(engine):
+    """Each sequence has a KV cache of its own, and llama.cpp copies only whole caches between them: the
+    donor's cache is copied, then trimmed to the shared prefix; the donor keeps all of its own."""
+    fresh = _alone(engine, 0, " No. USER: Why not? ASSISTANT:")
+    a, b = engine.acquire(), engine.acquire()
+    try:
+        _load(engine, a, 0, " Yes. USER: And then? ASSISTANT:")
+        engine.run(a)
+        report = _load(engine, b, 0, " No. USER: Why not? ASSISTANT:")
+        assert report.copied_from == a.seq and 0 < report.copied < len(a.held)
+        engine.generate(b, **GREEDY)
+        got = [engine.next_token(b) for _ in range(N)]
+        assert got == fresh
+        ctx = engine.ctx
+        assert ctx.seq_pos_max(b.seq) == len(b.held) - 1 and ctx.seq_pos_max(a.seq) == len(a.held) - 1
+    finally:
+        engine.release(a)
+        engine.release(b)
+
+
 def test_a_prompt_decoded_before_another_still_answers(engine):
     """Its logits are gone from the context by then: its last position is decoded again."""
     want = _alone(engine, 2)

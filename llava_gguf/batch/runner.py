@@ -24,8 +24,8 @@ from llava_gguf.runtime.scheduler import Done, Failed, Job, Scheduler, Text
 @dataclass(frozen=True)
 class Settings:
     """How to answer: the sampling table (SAMPLING_DEFAULTS where not given), sequences, system prompt, and
-    whether records share prefixes (several questions about one image: one KV cache, prefixes copied) or not
-    (a caption each: a KV cache per sequence, each prefill attending over its own cells only)."""
+    whether records share prefixes (several questions about one image: prefixes copied between sequences) or
+    not (a caption each: nothing worth a copy, nor a wait for one)."""
 
     sampling: Sampling
     parallel: int = 2

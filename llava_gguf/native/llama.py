@@ -100,16 +100,16 @@ class Model:
 
 
 class Context:
-    """One llama_context: `n_seq_max` sequences over one unified KV cache of `n_ctx` cells (kv_unified:
-    llama.cpp copies a prefix between sequences of split caches only for whole buffers, and asserts —
-    "seq_cp() is only supported for full KV buffers" — otherwise), or with `unified=False` a cache of its
-    own for each sequence (n_ctx / n_seq_max cells; no copies between them, but a sequence's attention spans
-    only its own cells, not every sequence's: cheaper prefill when sequences share nothing). The others are the ones
-    llama-cpp-python's Llama used, so answers stay what they were: n_batch = n_ubatch = min(n_ctx, 512),
-    no flash attention."""
+    """One llama_context: `n_seq_max` sequences, each with a KV cache of its own (n_ctx / n_seq_max cells;
+    kv_unified=false). A decode then attends over the sequence's own cells only: with one cache for all
+    (kv_unified), every token's attention spans the cells every sequence holds, masked — at LLaVA-1.5-7B
+    geometry, one answer ran 24% slower while three other conversations kept their ~650 cells (bench/serve.py).
+    A prefix is still copied between sequences (seq_cp): llama.cpp copies whole caches between split
+    sequences, so the donor's cache is copied and trimmed (a memcpy of the cache, far cheaper than decoding
+    even a few positions). The others are the ones llama-cpp-python's Llama used, so answers stay what they
+    were: n_batch = n_ubatch = min(n_ctx, 512), no flash attention."""
 
-    def __init__(self, model: Model, *, n_ctx: int, n_threads: int, n_seq_max: int = 1, n_batch: int = 512,
-                 unified: bool = True) -> None:
+    def __init__(self, model: Model, *, n_ctx: int, n_threads: int, n_seq_max: int = 1, n_batch: int = 512) -> None:
         lc = _lc()
         params = lc.llama_context_default_params()
         self.n_batch = min(n_ctx, n_batch)
@@ -117,7 +117,7 @@ class Context:
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = n_seq_max
-        params.kv_unified = unified or n_seq_max == 1
+        params.kv_unified = n_seq_max == 1
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -153,8 +153,21 @@ class Context:
         return bool(_lc().llama_memory_seq_rm(self.memory, seq, p0, p1))
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
-        """`dst` also holds positions [p0, p1) of `src` (the cells are shared, nothing is computed)."""
-        _lc().llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+        """`dst` (holding nothing) holds positions [p0, p1) of `src` (p1 < 0: to the end), nothing computed.
+        Between split caches llama.cpp copies only whole caches ("seq_cp() is only supported for full KV
+        buffers"): the whole of src's cache is copied (at the next decode, before it writes anything), then
+        what lies outside [p0, p1) forgotten."""
+        lc = _lc()
+        if src == dst:
+            return
+        if self.n_seq_max == 1:
+            lc.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+            return
+        lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        if p1 >= 0:
+            lc.llama_memory_seq_rm(self.memory, dst, p1, -1)
+        if p0 > 0:
+            lc.llama_memory_seq_rm(self.memory, dst, 0, p0)
 
     def seq_pos_max(self, seq: int) -> int:
         """The last position `seq` holds (-1: none)."""

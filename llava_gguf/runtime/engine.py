@@ -1,11 +1,11 @@
-"""The engine: one model, its mmproj (libmtmd), ONE llama context whose unified KV cache (or one per sequence:
-share_prefixes=False) holds several sequences, the image-embedding cache they share, and what each holds.
+"""The engine: one model, its mmproj (libmtmd), ONE llama context holding several sequences (each its own KV
+cache: see native Context), the image-embedding cache they share, and what each holds.
 As llama-server's update_slots does, `step()` gathers the pending work of every sequence — prompt chunks,
 and one token per generating sequence whose last token its owner has taken — into ONE llama_decode, then
 samples each generating sequence's next token. Image rows are embeddings, which a token batch cannot
 carry: they are decoded before it, in batches of their own. A sequence given a prompt keeps the longest
 prefix its own cache shares with it, or has a longer prefix another sequence holds copied in
-(llama_memory_seq_cp: shared cells, nothing computed) — a prompt prefix is decoded once per engine.
+(llama_memory_seq_cp: a copy of cells, nothing computed) — a prompt prefix is decoded once per engine.
 Use: slot = engine.acquire(); chunks, segments = engine.tokenize(text, images); with chunks:
 engine.load(slot, segments); engine.generate(slot, ...); engine.next_token(slot) (or step() + take(slot)
 for every sequence, as a server loop does) until done; engine.finish(slot); engine.release(slot).
@@ -38,13 +38,13 @@ RAW_ROWS = "embeddings"  # the tag of rows decoded as given (eval_embeddings): n
 
 class Engine:
     """See the module docstring. `n_ctx`: positions each sequence can hold (the context has n_ctx x
-    n_seq_max cells, shared). Build with Engine.open(paths) or from checked ModelFiles."""
+    n_seq_max cells, n_ctx for each sequence). Build with Engine.open(paths) or from checked ModelFiles."""
 
     def __init__(self, files: ModelFiles, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
                  n_seq_max: int = 1, verbose: bool = False, hint: str = "pass a larger n_ctx (--ctx)",
                  share_prefixes: bool = True) -> None:
         self.files, self.verbose, self.room_hint = files, verbose, hint
-        self.shares = share_prefixes  # False: a KV cache per sequence (see open), nothing copied between them
+        self.shares = share_prefixes  # False: no prefix copied between sequences (see open)
         self.libs = library.configure()
         library.quiet_logs(verbose)
         self.model: Model | None = None
@@ -74,8 +74,7 @@ class Engine:
                 vision = pool.submit(Vision, files.mmproj_path, self.model, n_threads=n_threads,
                                      use_gpu=n_gpu_layers != 0, verbose=self.verbose)
                 try:
-                    self.ctx = Context(self.model, n_ctx=n_ctx * n_seq_max, n_threads=n_threads, n_seq_max=n_seq_max,
-                                       unified=self.shares)
+                    self.ctx = Context(self.model, n_ctx=n_ctx * n_seq_max, n_threads=n_threads, n_seq_max=n_seq_max)
                 finally:  # libmtmd's context is kept whatever happened here, for close() to free
                     if vision.exception() is None:
                         self.images = ImageSide(vision.result(), files.anyres)
@@ -91,7 +90,7 @@ class Engine:
              n_threads: int | None = None, n_gpu_layers: int = 0, verbose: bool = False,
              share_prefixes: bool = True) -> Engine:
         """An engine for an LLM and its mmproj, checked as LLaVA checks them; n_ctx per sequence. share_prefixes=False:
-        a KV cache per sequence, for prompts that share nothing (prefill attends over its own sequence's cells)."""
+        no prefix is copied between sequences (nor waited for: see Scheduler), for prompts that share nothing."""
         if not is_int(n_seq_max) or not 1 <= n_seq_max <= 256:  # llama.cpp's LLAMA_MAX_SEQ
             raise InvalidSetting(f"n_seq_max must be an integer from 1 to 256, not {n_seq_max!r}")
         files = check_files(Path(model_path), Path(mmproj_path))

@@ -226,7 +226,7 @@ class Scheduler:
         image an earlier request is decoding): then the request waits and copies it, instead of decoding it
         again (the pending work is decoded by the next steps, so the wait ends)."""
         if not self.engine.shares:
-            return False  # a KV cache per sequence: nothing can be copied, so nothing is worth waiting for
+            return False  # prompts that share nothing: no copies, so nothing is worth waiting for
         now = max((reusable_prefix(s.held, want) for s in self.engine.slots if s.held), default=0)
         later = max((reusable_prefix(s.future(), want) for s in self.engine.slots if s.in_use and s.pending),
                     default=0)
