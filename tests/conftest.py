@@ -4,10 +4,16 @@ Everything is real: checkpoints are saved by transformers-built models, conversi
 and models load in llama.cpp through our native libraries."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+# No test reaches the real Hugging Face Hub (a repo id, a tower `mm_vision_tower` names): huggingface_hub
+# is pointed at a closed loopback port, refused at once; the Hub tests pass their stand-in's address.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
 _ckpts: dict = {}  # TinySpec -> checkpoint

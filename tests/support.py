@@ -267,3 +267,10 @@ def rewrite_gguf(src: Path, dest: Path, *, drop_keys=(), set_keys: dict | None =
     w.close()
     return dest
 
+
+def hub_stub():
+    """A loopback Hugging Face Hub stand-in (devkit/hubstub.py), serving once entered (`with hub_stub() as
+    hub:`); `hub.env(dir)` points a child process's huggingface_hub at it with its cache under `dir`."""
+    from devkit.hubstub import HubStub  # here: only the Hub tests need it
+
+    return HubStub()

@@ -19,6 +19,15 @@ def test_bad_path_and_options_are_one_line(tmp_path, shipped_gguf):
     one_error_line(run_cli("serve", str(shipped_gguf), "--port", "0", "--media-root", str(tmp_path / "nope"),
                            timeout=60), "--media-root")
     one_error_line(run_cli("serve", str(shipped_gguf), "--port", "0", "--api-key", "short", timeout=60), "key")
+    # serve has no --model: with several language models, the LLM's own file is given as PATH
+    several = tmp_path / "several"
+    several.mkdir()
+    for f in shipped_gguf.glob("*.gguf"):
+        (several / f.name).symlink_to(f)
+    llm = next(f for f in shipped_gguf.glob("*.gguf") if not f.name.startswith("mmproj"))
+    (several / llm.name.replace("F16", "F32")).symlink_to(llm)
+    line = one_error_line(run_cli("serve", str(several), "--port", "0", timeout=60), "several language models", "PATH")
+    assert "--model" not in line
 
 
 def test_port_in_use_is_one_line(shipped_gguf):

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Union
 
-from llava_gguf.convert import open_llava, output_names, stored_parts
+from llava_gguf.convert import is_repo_id, open_llava, output_names, resolve_checkpoint, stored_parts
 from llava_gguf.convert.mmproj import feature_layer_index
 from llava_gguf.errors import LlavaGgufError
 from llava_gguf.gguf.defects import FEATURE_LAYER_KEY
@@ -112,8 +112,14 @@ def report_from_json(d: Mapping) -> InspectReport:
     return CheckpointReport.from_json(d) if d["kind"] == CheckpointReport.kind else GGUFReport.from_dict(d)
 
 
-def inspect_report(path: Path | str, clip: Path | str | None = None) -> InspectReport:
-    path = Path(path)
+def inspect_report(path: Path | str, clip: Path | str | None = None, *, revision: str | None = None) -> InspectReport:
+    """A checkpoint directory, a Hugging Face repo id (ORG/NAME at `revision`, fetched as convert fetches it)
+    or a .gguf file; a local path wins over a repo id of the same spelling."""
+    path_ = Path(path)
+    if revision is not None or (not path_.exists() and not str(path).endswith(".gguf") and is_repo_id(str(path))):
+        where = resolve_checkpoint(str(path), revision)
+        return inspect_checkpoint(where.path, clip, name=where.name, label=where.repo_id or str(where.path))
+    path = path_
     if path.is_dir():
         return inspect_checkpoint(path, clip)
     try:
@@ -143,7 +149,9 @@ def _count(refs: Mapping) -> int:
     return total
 
 
-def inspect_checkpoint(src: Path, clip: Path | str | None = None) -> CheckpointReport:
+def inspect_checkpoint(src: Path, clip: Path | str | None = None, *, name: str | None = None,
+                       label: str | None = None) -> CheckpointReport:
+    """`name`: what convert would name the outputs (default: the directory's name); `label`: the path shown."""
     source = open_llava(src, clip)
     ck, family, layout = source.checkpoint, source.family, source.layout
     root, text_hp, vision_hp = source.root, source.text_hp, source.vision_hp
@@ -151,11 +159,11 @@ def inspect_checkpoint(src: Path, clip: Path | str | None = None) -> CheckpointR
     n_layers = int(vision_hp["num_hidden_layers"])
     feature = feature_layer_index(root, n_layers)
     size, patch = int(vision_hp["image_size"]), int(vision_hp["patch_size"])
-    llm_name, mm_name = output_names(src.resolve().name, "f16", "f16")
+    llm_name, mm_name = output_names(name or src.resolve().name, "f16", "f16")
     n_text, n_vision, n_proj = _count(text), _count(vision), _count(proj)
     archs = ck.config.get("architectures") or []
     return CheckpointReport(
-        path=str(src),
+        path=label or str(src),
         family=family.name,
         layout=layout.name,
         architecture=archs[0] if isinstance(archs, list) and archs else archs,

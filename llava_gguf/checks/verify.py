@@ -24,7 +24,7 @@ from llava_gguf.checks.metrics import kl_divergence, log_softmax, same_top1, tok
 from llava_gguf.checks.reference import (build_reference, image_features, image_path_float32, pinpoints_conflict,
                                          square_image)
 from llava_gguf.checks.samples import sample_image
-from llava_gguf.convert import open_llava
+from llava_gguf.convert import open_llava, resolve_checkpoint
 from llava_gguf.convert.mmproj import image_norm
 from llava_gguf.errors import LlavaGgufError
 from llava_gguf.gguf.classify import is_quantized
@@ -76,8 +76,9 @@ def sample_images(size: int, n: int = 3) -> list:
 def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = None, clip: Path | str | None = None,
            llm: Path | str | None = None, mmproj: Path | str | None = None, tokens: int = 16,
            runtime: str = "fixed", min_cosine: float | None = None, min_top1: float | None = None,
-           threads: int | None = None, reference_dtype: str = "auto") -> VerifyReport:
-    """`reference_dtype`: "auto" (float32 when the model and the GGUF pair fit in available memory,
+           threads: int | None = None, reference_dtype: str = "auto", revision: str | None = None) -> VerifyReport:
+    """`src`: the checkpoint directory, or its Hugging Face repo id (ORG/NAME at `revision`, fetched as convert
+    fetches it). `reference_dtype`: "auto" (float32 when the model and the GGUF pair fit in available memory,
     else the language model in bfloat16 — the vision tower and projector always run in float32, so the
     image check is exact either way), "float32" or "bfloat16"."""
     if runtime not in ("fixed", "stock"):
@@ -93,7 +94,7 @@ def verify(src: Path | str, outdir: Path | str, *, images: Path | str | None = N
     from transformers import AutoTokenizer  # heavy
     from transformers.utils import logging as hf_logging  # heavy
 
-    source = open_llava(src, clip)
+    source = open_llava(resolve_checkpoint(src, revision).path, clip)
     llm_path, mm_path = locate_pair(Path(outdir), llm, mmproj)
     size = int(source.vision_hp["image_size"])
     pics, names = _pictures(images, source.family.anyres, size)

@@ -11,8 +11,10 @@ import warnings
 from collections.abc import Callable
 
 import typer
+from typer.core import TyperGroup
 
-from llava_gguf.cli import commands_batch, commands_check, commands_produce, commands_run, commands_serve
+from llava_gguf.cli import (commands_batch, commands_check, commands_export, commands_produce, commands_run,
+                            commands_serve)
 from llava_gguf.errors import LlavaGgufError, LlavaGgufWarning
 
 try:  # typer >= 0.17 carries its own copy of click; older ones use click itself
@@ -22,7 +24,16 @@ except ImportError:  # pragma: no cover - depends on the typer version
     from click import exceptions as click_exceptions
     from click.exceptions import Abort
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _Listed(TyperGroup):
+    """`--help` lists the commands and the command groups in HELP_ORDER (typer puts groups last)."""
+
+    def list_commands(self, ctx) -> list[str]:  # noqa: ANN001 - click's Context
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: HELP_ORDER.index(n) if n in HELP_ORDER else len(HELP_ORDER))
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Listed,
                   help="Convert LLaVA checkpoints from Hugging Face to GGUF and run them on llama.cpp.")
 
 
@@ -58,10 +69,25 @@ COMMANDS: tuple[tuple[str, Callable], ...] = (
     ("demo", commands_run.demo),
 )
 
+# name -> (help, its commands): command groups (`llava-gguf export ollama ...`)
+GROUPS: tuple[tuple[str, str, tuple[tuple[str, Callable], ...]], ...] = (
+    ("export", "Hand a converted pair to another runtime: an Ollama Modelfile, or LM Studio's models folder.",
+     (("ollama", commands_export.ollama), ("lmstudio", commands_export.lmstudio))),
+)
+
+# `llava-gguf --help`: the pipeline's order, the exports after the front ends that run the model
+HELP_ORDER = ("convert", "quantize", "imatrix", "quality", "inspect", "repair", "verify", "chat", "serve", "batch",
+              "export", "doctor", "demo")
+
 
 def _register() -> None:
     for name, fn in COMMANDS:
         app.command(name)(guarded(fn))
+    for name, help_text, commands in GROUPS:
+        group = typer.Typer(no_args_is_help=True, help=help_text)
+        for sub, fn in commands:
+            group.command(sub)(guarded(fn))
+        app.add_typer(group, name=name)
 
 
 _register()

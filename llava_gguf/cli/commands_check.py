@@ -36,21 +36,24 @@ def quality(
 
 
 def inspect(
-    path: Path = typer.Argument(..., help="a checkpoint directory or a .gguf file (LLM or mmproj)"),
+    path: str = typer.Argument(..., help="a checkpoint directory, a Hub repo id (ORG/NAME, as for convert) or a "
+                               ".gguf file (LLM or mmproj)"),
     clip: Optional[Path] = typer.Option(None, "--clip", help="a checkpoint's separate CLIP vision tower (as for convert)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="with a Hub repo id: the branch, tag or commit"),
     json_out: bool = typer.Option(False, "--json", help="one JSON line: the GGUF metadata as stored, plus derived fields"),
 ) -> None:
     """What a checkpoint or GGUF holds (family, layout, types, parameters, hparams), what convert would write,
     and for an mmproj the known defects that make its image features wrong or its load fail. Exits 1 when a
     defect is found."""
-    report = inspect_report(path, clip=clip)
+    report = inspect_report(path, clip=clip, revision=revision)
     show(json_out, report, to_json, inspect_lines)
     if report.defects:
         raise typer.Exit(1)
 
 
 def verify_cmd(
-    src: Path = typer.Argument(..., help="the Hugging Face checkpoint directory that was converted"),
+    src: str = typer.Argument(..., help="the Hugging Face checkpoint that was converted: a directory or a Hub repo "
+                              "id (ORG/NAME, as for convert)"),
     outdir: Path = typer.Argument(..., help="the directory convert/quantize wrote (or an LLM .gguf)"),
     images: Optional[Path] = typer.Option(None, "--images", help="a directory of images (default: 3 built-in samples)"),
     clip: Optional[Path] = typer.Option(None, "--clip", help="SRC's separate CLIP vision tower (as for convert)"),
@@ -65,13 +68,15 @@ def verify_cmd(
     reference_dtype: str = typer.Option("auto", "--reference-dtype", help="transformers' language model in float32 "
                                         "or bfloat16 (auto: float32 when it fits in memory; the vision tower and "
                                         "projector always float32)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="with a Hub repo id: the branch, tag or commit"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON line"),
 ) -> None:
     """Check a converted pair against the Hugging Face checkpoint in transformers: image-embedding cosine,
     next-token KL and top-1 agreement along transformers' greedy answer, identical greedy answers. Exits 1
     below the thresholds."""
     r = verify(src, outdir, images=images, clip=clip, llm=model, mmproj=mmproj, tokens=tokens, runtime=runtime,
-               min_cosine=min_cosine, min_top1=min_top1, threads=threads, reference_dtype=reference_dtype)
+               min_cosine=min_cosine, min_top1=min_top1, threads=threads, reference_dtype=reference_dtype,
+               revision=revision)
     show(json_out, r, to_json, verify_lines)
     if not r.passed:
         raise typer.Exit(1)

@@ -9,10 +9,10 @@ from typing import Optional
 
 import typer
 
-from llava_gguf.cli.progress import convert_progress, tensor_progress
+from llava_gguf.cli.progress import convert_progress, imatrix_progress, tensor_progress
 from llava_gguf.cli.render import (convert_json, convert_lines, imatrix_json, imatrix_lines, quant_type_lines,
                                    quant_types_json, quantize_json, quantize_lines, repair_json, repair_lines, show)
-from llava_gguf.convert import convert_checkpoint
+from llava_gguf.convert import check_output_types, convert_checkpoint, resolve_checkpoint
 from llava_gguf.errors import LlavaGgufError
 from llava_gguf.gguf.repair import repair_mmproj
 from llava_gguf.quantize import QUANT_TYPES, quantize_directory, quantize_gguf
@@ -20,22 +20,30 @@ from llava_gguf.runtime.imatrix import compute_imatrix
 
 
 def convert(
-    src: Path = typer.Argument(..., help="Hugging Face checkpoint directory (llava-hf layout)"),
+    src: str = typer.Argument(..., help="Hugging Face checkpoint directory (llava-hf or original layout), or a Hub "
+                              "repo id (ORG/NAME, downloaded into the Hugging Face cache; a local path wins)"),
     outdir: Path = typer.Option(..., "-o", "--outdir", help="output directory (created if needed)"),
     outtype: str = typer.Option("f16", "--outtype", help="LLM type: f32, f16, bf16, q8_0, or any `quantize --list` type "
                                                            "(via a temporary F16 beside the outputs)"),
     mmproj_type: Optional[str] = typer.Option(None, "--mmproj-type",
                                               help="mmproj type: f32, f16, q8_0 (default: f32 for --outtype f32, else f16)"),
-    name: Optional[str] = typer.Option(None, "--name", help="file-name stem (default: the source directory's name)"),
+    name: Optional[str] = typer.Option(None, "--name", help="file-name stem (default: the source directory's name, "
+                                       "NAME for ORG/NAME)"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="with a Hub repo id: the branch, tag or commit "
+                                           "(default: main)"),
     force: bool = typer.Option(False, "--force", help="replace existing outputs"),
     clip: Optional[Path] = typer.Option(None, "--clip", help="the vision tower for a checkpoint without one (original "
                                         "liuhaotian layout): a local CLIPModel or CLIPVisionModel directory "
-                                        "(default: the one mm_vision_tower names, from the Hugging Face cache)"),
+                                        "(default: the one mm_vision_tower names, fetched from the Hub or its cache)"),
     json_out: bool = typer.Option(False, "--json", help="print the result as one JSON line"),
 ) -> None:
     """Write OUTDIR/<name>-<TYPE>.gguf (LLM) and OUTDIR/mmproj-<name>-<TYPE>.gguf (vision tower + projector)."""
+    # a Hub download first (its options checked before it), outside the progress display: huggingface_hub
+    # draws its own bars on stderr
+    check_output_types(outtype, mmproj_type)
+    checkpoint = resolve_checkpoint(src, revision)
     with convert_progress(enabled=sys.stdout.isatty() and not json_out) as progress:
-        result = convert_checkpoint(src, outdir, outtype=outtype, mmproj_type=mmproj_type, name=name,
+        result = convert_checkpoint(checkpoint, outdir, outtype=outtype, mmproj_type=mmproj_type, name=name,
                                     force=force, progress=progress, clip=clip)
     show(json_out, result, convert_json, convert_lines)
 
@@ -90,8 +98,9 @@ def imatrix(
 ) -> None:
     """Compute an importance matrix (llama.cpp's llama-imatrix) for `quantize --imatrix`: IQ types and
     better K-quants."""
-    r = compute_imatrix(model, out, text=text, images=images, mmproj=mmproj, n_ctx=n_ctx, chunks=chunks,
-                        threads=threads, force=force, verbose=verbose)
+    with imatrix_progress(sys.stdout.isatty() and not json_out and not verbose) as progress:
+        r = compute_imatrix(model, out, text=text, images=images, mmproj=mmproj, n_ctx=n_ctx, chunks=chunks,
+                            threads=threads, force=force, verbose=verbose, progress=progress)
     show(json_out, r, imatrix_json, imatrix_lines)
 
 

@@ -91,7 +91,8 @@ def demo(
 ) -> None:
     """Convert the shipped small LLaVA (trained here on synthetic shapes), quantize it to Q4_K_M and
     ask it questions about test images, with accuracy per file type; --image asks about yours. Image
-    features are checked against the Hugging Face reference. --model: any checkpoint, one question."""
+    features are checked against the Hugging Face reference. --model: any checkpoint, one question. One
+    question is always answered by the Q4_K_M file (the output says so)."""
     # the text form is the demo's own progress and answers, echoed as it runs
     report: DemoReport = run_demo(model, image, prompt, echo=(lambda s: None) if json_out else typer.echo,
                                   questions=questions)

@@ -61,6 +61,43 @@ def tensor_progress(enabled: bool, description: str) -> Iterator[Callable[[int, 
 
 
 @contextlib.contextmanager
+def copy_progress(enabled: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A (bytes done, bytes in all, file name) callback drawing a byte bar per file, or None off a terminal."""
+    if not enabled:
+        yield None
+        return
+    bar = Bar(TextColumn("[bold]copying {task.fields[current]}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+              TimeRemainingColumn(), transient=False)
+    tasks: dict[str, int] = {}
+
+    def update(done: int, total: int, name: str) -> None:
+        if name not in tasks:
+            tasks[name] = bar.add_task(name, total=total, current=name)
+        bar.update(tasks[name], completed=done)
+
+    with bar:
+        yield update
+
+
+@contextlib.contextmanager
+def imatrix_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A (done, total) callback drawing `imatrix`'s bar (chunks, then calibration images) with elapsed and
+    remaining time, or None when not on a terminal (compute_imatrix then asks the tool for no progress)."""
+    if not enabled:
+        yield None
+        return
+    bar = Bar(TextColumn("[bold]calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+              TimeRemainingColumn(), transient=False)
+    task = bar.add_task("calibrating", total=None)  # the total is known once the tool starts
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+@contextlib.contextmanager
 def record_progress(enabled: bool, total: int, done: int) -> Iterator[Callable[[bool], None]]:
     """A (failed) callback advancing a records bar with records/s and ETA (nothing off a terminal)."""
     if not enabled:

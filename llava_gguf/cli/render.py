@@ -63,8 +63,13 @@ def convert_lines(r: ConvertResult) -> list[str]:
 
 
 def quant_type_lines(types: Iterable[QuantType]) -> list[str]:
-    return [f"{t.name:8} {t.bpw:5.2f} bpw  {t.note}" + ("  (needs --imatrix)" if t.needs_imatrix else "")
-            for t in types]
+    """`quantize --list`: name, bits per weight and note in columns as wide as their widest entry (a
+    fixed width misaligned the longest name, MXFP4_MOE)."""
+    types = list(types)
+    name_width = max((len(t.name) for t in types), default=0)
+    bpw_width = max((len(f"{t.bpw:.2f}") for t in types), default=0)
+    return [f"{t.name:{name_width}}  {t.bpw:{bpw_width}.2f} bpw  {t.note}"
+            + ("  (needs --imatrix)" if t.needs_imatrix else "") for t in types]
 
 
 def quant_types_json(types: Iterable[QuantType]) -> dict:
@@ -206,7 +211,29 @@ def chat_json(text: str, st: EvalStats) -> dict:
 
 
 def timings(st: EvalStats) -> str:
-    return (f"prompt: {st.prompt_tokens} tokens ({st.reused_tokens} from the cache, {st.evaluated_tokens} decoded, "
-            f"{st.images_encoded} image(s) encoded) in {st.prompt_seconds:.2f} s, "
-            f"{st.prompt_tokens_per_second:.1f} tok/s; first token after {st.first_token_seconds:.2f} s; "
-            f"{st.generated_tokens} tokens at {st.generation_tokens_per_second:.1f} tok/s")
+    """What the last answer cost (`/stats`, `chat --verbose`), said for how it ended: stopped while its
+    prompt was prepared or decoded (the time until then, what was decoded), stopped before its first
+    token, or answered (one token has no interval to time a rate over)."""
+    if st.stopped_in is None and not st.prompt_tokens:
+        return "no answer yet"
+    before_first = "the answer was stopped before its first token"
+    if st.stopped_in == "prompt":
+        if not st.prompt_tokens:  # stopped while the images were encoded or the prompt tokenized
+            return f"prompt: stopped after {st.prompt_seconds:.2f} s, while it was prepared; {before_first}"
+        return (f"prompt: {st.prompt_tokens} tokens ({st.reused_tokens} from the cache, {st.evaluated_tokens} of "
+                f"{st.prompt_tokens - st.reused_tokens} decoded, {st.images_encoded} image(s) encoded), stopped "
+                f"after {st.prompt_seconds:.2f} s; {before_first}")
+    prompt = (f"prompt: {st.prompt_tokens} tokens ({st.reused_tokens} from the cache, {st.evaluated_tokens} decoded, "
+              f"{st.images_encoded} image(s) encoded) in {st.prompt_seconds:.2f} s, "
+              f"{st.prompt_tokens_per_second:.1f} tok/s")
+    if st.stopped_in == "answer" and not st.generated_tokens:
+        return f"{prompt}; {before_first}"
+    n = st.generated_tokens
+    if n == 0:
+        answer = "no answer tokens (the model ended its answer at once)"
+    elif n == 1:
+        answer = "1 token (no generation rate: a single token has no interval to time)"
+    else:
+        answer = f"{n} tokens at {st.generation_tokens_per_second:.1f} tok/s"
+    stopped = " (stopped)" if st.stopped_in == "answer" else ""
+    return f"{prompt}; first token after {st.first_token_seconds:.2f} s; {answer}{stopped}"

@@ -2,6 +2,7 @@
 in one pass over the checkpoint, through atomic outputs."""
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from llava_gguf.convert.checkpoint import Checkpoint, TensorRef, read_checkpoint
 from llava_gguf.convert.external import attach_vision
+from llava_gguf.convert.hub import CheckpointSource, is_repo_id, named_view, resolve_checkpoint
 from llava_gguf.convert.llm import OUTTYPES, build_llm, type_label
 from llava_gguf.convert.mmproj import MMPROJ_TYPES, build_mmproj
 from llava_gguf.convert.projector import linear_as_gelu_pair
@@ -18,10 +20,11 @@ from llava_gguf.families import Family, KeyLayout, detect_layout, find_family
 from llava_gguf.families.hparams import resolve_llava
 from llava_gguf.gguf.outputs import atomic_outputs, write_error
 from llava_gguf.quantize.job import QuantizeJob
-from llava_gguf.quantize.types import find_type
+from llava_gguf.quantize.types import QuantType, find_type
 
 __all__ = ["ConvertResult", "LlavaSource", "open_llava", "split_parts", "stored_parts", "convert_checkpoint",
-           "output_names", "OUTTYPES", "MMPROJ_TYPES"]
+           "output_names", "OUTTYPES", "MMPROJ_TYPES", "CheckpointSource", "resolve_checkpoint", "is_repo_id",
+           "check_output_types", "OutputTypes"]
 
 
 @dataclass(frozen=True)
@@ -117,10 +120,18 @@ def open_llava(src: Path | str, clip: Path | str | None = None) -> LlavaSource:
     return LlavaSource(ck, family, layout, root, text_hp, vision_hp, image_dir, clip_dir)
 
 
-def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f16", mmproj_type: str | None = None,
-                       name: str | None = None, force: bool = False, progress: Progress | None = None,
-                       clip: Path | str | None = None) -> ConvertResult:
-    src, outdir = Path(src), Path(outdir)
+@dataclass(frozen=True)
+class OutputTypes:
+    """--outtype / --mmproj-type checked: the LLM's written type, the mmproj's, and the llama.cpp type the
+    LLM is quantized to afterwards (None: written as it is)."""
+
+    llm: str
+    mmproj: str
+    quant: QuantType | None
+
+
+def check_output_types(outtype: str = "f16", mmproj_type: str | None = None) -> OutputTypes:
+    """The types, or the one-line error for an unknown one (before anything is read or downloaded)."""
     outtype = outtype.lower()
     quant = None
     if outtype not in OUTTYPES:
@@ -137,9 +148,25 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     mmproj_type = (mmproj_type or ("f32" if outtype == "f32" else "f16")).lower()
     if mmproj_type not in MMPROJ_TYPES:
         raise LlavaGgufError(f"unknown --mmproj-type {mmproj_type!r}", f"choose one of {', '.join(MMPROJ_TYPES)}")
+    return OutputTypes(outtype, mmproj_type, quant)
+
+
+def convert_checkpoint(src: Path | str | CheckpointSource, outdir: Path | str, *, outtype: str = "f16",
+                       mmproj_type: str | None = None, name: str | None = None, force: bool = False,
+                       progress: Progress | None = None, clip: Path | str | None = None,
+                       revision: str | None = None) -> ConvertResult:
+    """`src`: a checkpoint directory, or a Hugging Face repo id (`ORG/NAME`, at `revision`) fetched into the
+    Hugging Face cache (or what resolve_checkpoint made of either); a local path of the same spelling
+    wins. The outputs are named after `name`, by default the directory's name, NAME for a repo id."""
+    outdir = Path(outdir)
+    types = check_output_types(outtype, mmproj_type)
+    outtype, mmproj_type, quant = types.llm, types.mmproj, types.quant
+    where = resolve_checkpoint(src, revision)
+    # a local directory as given (gguf-py reads the model's name from it); a snapshot as the directory NAME
+    src = where.path
     src_ = open_llava(src, clip)
     family, layout = src_.family, src_.layout
-    name = name or src.resolve().name
+    name = name or where.name
     if not re.fullmatch(r"[^/\\\x00]+", name) or name in (".", ".."):
         raise LlavaGgufError(f"--name {name!r} is not usable in a file name")
     root, text_hp, vision_hp = src_.root, src_.text_hp, src_.vision_hp
@@ -147,7 +174,9 @@ def convert_checkpoint(src: Path | str, outdir: Path | str, *, outtype: str = "f
     # the mmproj first: its checks (feature layer, strategy, activations) need no tokenizer work
     mm = build_mmproj(family, root, vision_hp, int(text_hp["hidden_size"]), vision, proj, src_.image_config_dir,
                       mmproj_type, name)
-    llm = build_llm(text_hp, text, src, outtype, None, family.default_chat_template)
+    with named_view(src, where.name) if where.repo_id else contextlib.nullcontext(src) as named:
+        # general.* as a local directory NAME holding the same files gives, not from the commit hash
+        llm = build_llm(text_hp, text, named, outtype, None, family.default_chat_template)
     llm_name, mm_name = output_names(name, outtype, mmproj_type)
     if quant is not None:
         llm_name = f"{name}-{quant.name}.gguf"

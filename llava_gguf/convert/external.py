@@ -1,6 +1,8 @@
 """The vision tower of a checkpoint that does not carry it (the original liuhaotian layout): a local CLIP
 checkpoint (`--clip DIR`: a full CLIPModel, text tower included, or a CLIPVisionModel), or the one the
-config's `mm_vision_tower` names, from a local path or the Hugging Face cache. Nothing is downloaded."""
+config's `mm_vision_tower` names: a local path, else the Hub repo of that name fetched as convert fetches a
+checkpoint (convert/hub.py: its configuration, image pre-processing and vision weights in one format), the
+Hugging Face cache answering when offline."""
 from __future__ import annotations
 
 import os
@@ -8,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from llava_gguf.convert.checkpoint import Checkpoint, read_checkpoint
+from llava_gguf.convert.hub import TOWER_FILES, fetch, is_repo_id
 from llava_gguf.errors import LlavaGgufError
 from llava_gguf.families import Family
 from llava_gguf.families.clip import clip_vision_config
@@ -54,17 +57,25 @@ def find_clip(config: dict, clip: Path | None, has_tower: bool = False) -> Path:
                              "give the CLIP checkpoint with --clip DIR")
     if Path(name).is_dir():
         return Path(name)
+    fetched = None
+    if is_repo_id(name):
+        try:  # the tower's weights are only needed when the checkpoint lacks them
+            return fetch(name, None, TOWER_FILES, weights=not has_tower)
+        except LlavaGgufError as e:  # a cache filled another way (by hand, an old huggingface_hub) may still hold it
+            fetched = e
     snapshot = cached_snapshot(name)
-    if snapshot is None and has_tower:
+    if snapshot is not None:
+        return snapshot
+    why = f" ({fetched.message})" if fetched is not None else ""
+    if has_tower:
         raise LlavaGgufError(f"the checkpoint carries its vision tower's weights but not its configuration, which comes "
-                             f"from {name} (mm_vision_tower), not found in the Hugging Face cache",
+                             f"from {name} (mm_vision_tower), neither fetched nor in the Hugging Face cache{why}",
                              f"pass {name}'s directory with --clip DIR (its config.json and preprocessor_config.json "
                              "are what is read; the weights used are the checkpoint's)")
-    if snapshot is None:
-        where = " or ".join(str(c / ("models--" + name.replace("/", "--"))) for c in hf_cache_dirs())
-        raise LlavaGgufError(f"the vision tower {name} (mm_vision_tower) is not in this checkpoint nor in the Hugging "
-                             f"Face cache ({where})", f"download {name} and pass its directory with --clip DIR")
-    return snapshot
+    where = " or ".join(str(c / ("models--" + name.replace("/", "--"))) for c in hf_cache_dirs())
+    raise LlavaGgufError(f"the vision tower {name} (mm_vision_tower) is not in this checkpoint, could not be fetched "
+                         f"from the Hugging Face Hub, nor found in the cache ({where}){why}",
+                         f"download {name} and pass its directory with --clip DIR")
 
 
 def attach_vision(ck: Checkpoint, family: Family, clip: Path | None) -> tuple[Checkpoint, dict, Path]:

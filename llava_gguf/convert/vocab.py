@@ -6,7 +6,10 @@ pre-tokenizer named by what tokenizer.json's split regex is; special token ids, 
 template through gguf.SpecialVocab."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -182,12 +185,34 @@ def add_vocab(writer: gguf.GGUFWriter, src: Path, vocab: Vocab, default_chat_tem
     if vocab.model != "gpt2":  # convert_hf_to_gguf.py writes no scores for BPE
         writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
-    special = gguf.SpecialVocab(src, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    with _without_template_processing_warnings():
+        special = gguf.SpecialVocab(src, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
     if special.chat_template is None and default_chat_template is not None:
         special.chat_template = default_chat_template
     special.chat_template = templates_for_llama_cpp(special.chat_template, default_chat_template)
     _check_encodable(vocab, default_template(special.chat_template))
     special.add_to_gguf(writer, quiet=True)
+
+
+def _drop_template_processing(record: logging.LogRecord) -> bool:
+    return "TemplateProcessing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_template_processing_warnings() -> Iterator[None]:
+    """gguf-py's SpecialVocab guesses add_bos/add_sep from tokenizer.json's TemplateProcessing and logs a
+    warning (through the `gguf.vocab` logger; with no logging configured Python prints it on stderr) for
+    every pair template it does not recognise, e.g. "Unknown separator token '<s>' in
+    TemplateProcessing<pair>" for LLaMA's `<s> A <s> B`. The pair template is never used (llama.cpp
+    tokenizes single sequences), so those warnings say nothing about the file written: they are dropped
+    for this call only, by a filter on that one logger; every other record, and the caller's logging
+    configuration, are left as they are."""
+    logger = logging.getLogger(gguf.vocab.__name__)
+    logger.addFilter(_drop_template_processing)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_drop_template_processing)
 
 
 def _describe(ch: str) -> str:

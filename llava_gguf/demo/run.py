@@ -1,7 +1,11 @@
 """`demo`: the small LLaVA shipped with the package (trained here on synthetic shapes, see
 data/shapes-llava/README.md) converted, quantized to Q4_K_M and asked questions about test images it never
 saw, with the answers checked; or a checkpoint you name, asked one question. Image features are measured
-against the Hugging Face reference either way."""
+against the Hugging Face reference either way.
+
+One rule for which file answers: every checkpoint is converted and quantized to Q4_K_M, and one question
+(--image, --prompt, --model) is answered by the Q4_K_M file, which the output names; the quiz answers
+with F16 and Q4_K_M side by side."""
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +29,7 @@ from llava_gguf.settings import cache_dir
 DEMO_IMAGE = Path(__file__).parent.parent / "data" / "demo.jpg"
 SHIPPED_MODEL = Path(__file__).parent.parent / "data" / "shapes-llava"
 QUIZ_TYPES = ("F16", "Q4_K_M")
+ANSWER_TYPE = "Q4_K_M"  # the file one question is answered by (the one people run)
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,9 @@ class DemoReport:
     accuracy: dict | None = None  # file type -> {"correct", "n"} (the quiz)
     cosine: float | None = None  # image features against transformers' (when measured)
     image_tokens: int | None = None  # (the quiz)
-    q4_k_m: str | None = None  # the quantized LLM (the quiz)
+    q4_k_m: str | None = None  # the quantized LLM
     answer: str | None = None  # (one question)
+    answered_by: str | None = None  # the file type that answered (one question): ANSWER_TYPE
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -66,8 +72,8 @@ def _key(ckpt: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def prepared(ckpt: Path, echo: Callable[[str], None], quantize: bool) -> dict[str, Path]:
-    """The checkpoint's F16 GGUF pair (and Q4_K_M LLM), converted once and cached by content."""
+def prepared(ckpt: Path, echo: Callable[[str], None]) -> dict[str, Path]:
+    """The checkpoint's F16 GGUF pair and Q4_K_M LLM, converted and quantized once, cached by content."""
     name = ckpt.resolve().name
     outdir = cache_dir() / "demo" / f"gguf-{name}-{_key(ckpt)}"
     llm_name, mm_name = output_names(name, "f16", "f16")
@@ -75,11 +81,10 @@ def prepared(ckpt: Path, echo: Callable[[str], None], quantize: bool) -> dict[st
     if not (files["F16"].is_file() and files["mmproj"].is_file()):
         echo(f"converting {ckpt} ...")
         convert_checkpoint(ckpt, outdir, outtype="f16", force=True)
-    if quantize:
-        files["Q4_K_M"] = outdir / f"{name}-Q4_K_M.gguf"
-        if not files["Q4_K_M"].is_file():
-            echo("quantizing to Q4_K_M ...")
-            quantize_gguf(files["F16"], "Q4_K_M", files["Q4_K_M"], force=True)
+    files["Q4_K_M"] = outdir / f"{name}-Q4_K_M.gguf"
+    if not files["Q4_K_M"].is_file():
+        echo("quantizing to Q4_K_M ...")
+        quantize_gguf(files["F16"], "Q4_K_M", files["Q4_K_M"], force=True)
     return files
 
 
@@ -114,12 +119,12 @@ def run_demo(model: Path | None, image: Path | None, prompt: str | None, echo: C
     if quiz and model is None:
         echo("demo model: shapes-llava, a small LLaVA-1.5 trained here on synthetic shapes "
              f"({SHIPPED_MODEL / 'README.md'})")
-    files = prepared(ckpt, echo, quantize=quiz)
+    files = prepared(ckpt, echo)
     try:
         size = int(json.loads((ckpt / "config.json").read_text())["vision_config"]["image_size"])
     except (ValueError, KeyError, TypeError):
         raise LlavaGgufError(f"{ckpt}/config.json has no vision_config.image_size: not a LLaVA checkpoint") from None
-    result: dict = {"model": str(files["F16"]), "mmproj": str(files["mmproj"])}
+    result: dict = {"model": str(files["F16"]), "mmproj": str(files["mmproj"]), "q4_k_m": str(files["Q4_K_M"])}
     if quiz and image is None:
         pairs = shapes.questions("test", 0, questions)
         cosine, shape = _parity(ckpt, files, pairs[0][0].image(size), echo)
@@ -138,20 +143,21 @@ def run_demo(model: Path | None, image: Path | None, prompt: str | None, echo: C
             k = shapes.correct(answers[label], pairs)
             echo(f"{label} accuracy: {100 * k / len(pairs):.1f}% ({k}/{len(pairs)})")
             result["accuracy"][label] = {"correct": k, "n": len(pairs)}
-        result.update(cosine=cosine, image_tokens=int(shape[0]), q4_k_m=str(files["Q4_K_M"]))
+        result.update(cosine=cosine, image_tokens=int(shape[0]))
     else:
         prompt = prompt or (shapes_prompt() if quiz else "What is in the image?")
         img = user_image if user_image is not None else load_image(DEMO_IMAGE).resize((size, size), resample=3)
         if img.size == (size, size):
             result["cosine"], _ = _parity(ckpt, files, img, echo)
-        llm = files.get("Q4_K_M", files["F16"])
+        llm = files[ANSWER_TYPE]
         with LLaVA(llm, files["mmproj"]) as llava:
             answer = llava.generate_from_image(img, prompt, temperature=0, repeat_penalty=1.0, max_tokens=48)
         echo(f"model:   {llm}")
+        echo(f"type:    {ANSWER_TYPE} (the demo answers with the file it quantized)")
         echo(f"image:   {image or DEMO_IMAGE}")
         echo(f"prompt:  {prompt}")
         echo(f"answer:  {answer.strip()}")
-        result["answer"] = answer
+        result.update(answer=answer, answered_by=ANSWER_TYPE)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return DemoReport(**result)
 

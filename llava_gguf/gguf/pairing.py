@@ -48,12 +48,20 @@ def scan(directory: Path, *, strict: bool = False) -> list[GGUFKind]:
     return kinds
 
 
-def locate_pair(path: Path | str, llm: Path | str | None = None, mmproj: Path | str | None = None) -> tuple[Path, Path]:
-    """(LLM, mmproj) for a directory, or for an LLM file plus an explicit mmproj."""
+# How a caller names its choice when a directory holds several candidates: the CLI's options by default;
+# the Python API passes its keyword arguments (a Python caller has no --model to give).
+CLI_CHOICES = ("--model", "--mmproj")
+PYTHON_CHOICES = ("the llm= argument", "the mmproj= argument")
+
+
+def locate_pair(path: Path | str, llm: Path | str | None = None, mmproj: Path | str | None = None, *,
+                choices: tuple[str, str] = CLI_CHOICES) -> tuple[Path, Path]:
+    """(LLM, mmproj) for a directory, or for an LLM file plus an explicit mmproj. `choices`: how the caller
+    chooses an LLM and an mmproj, named in the hint when there are several (the CLI's options by default)."""
     path = Path(path)
     if path.is_file():
         if mmproj is None:
-            return locate_pair(path.parent, llm=path)
+            return locate_pair(path.parent, llm=path, choices=choices)
         return path, Path(mmproj)
     if not path.is_dir():
         raise LlavaGgufError(f"{path} does not exist", "give the directory that `llava-gguf convert` wrote")
@@ -70,12 +78,12 @@ def locate_pair(path: Path | str, llm: Path | str | None = None, mmproj: Path | 
             llms = quantized
         else:
             raise LlavaGgufError(f"several language models in {path}: {', '.join(p.name for p in llms)}",
-                                 "choose one with --model")
+                                 f"choose one with {choices[0]}")
     if len(mmprojs) > 1:
         same = [kinds[p] for p in mmprojs if named_for(p, llms[0])]
         if not same:
             raise LlavaGgufError(f"several mmproj files in {path}: {', '.join(p.name for p in mmprojs)}",
-                                 "choose one with --mmproj")
+                                 f"choose one with {choices[1]}")
         mmprojs = [ranked(same, llms[0], RUNTIME_ORDER)[0].path]
     return llms[0], mmprojs[0]
 

@@ -23,10 +23,13 @@ class EvalStats:
     images: int = 0  # images in the prompt
     images_encoded: int = 0  # of those, run through the vision tower now (the rest: embedding cache)
     generated_tokens: int = 0
-    prompt_seconds: float = 0.0  # decoding the prompt, image encoding included
+    prompt_seconds: float = 0.0  # decoding the prompt, image encoding included (until stopped, if it was)
     first_token_seconds: float = 0.0  # from the call to the first answer token
-    generate_seconds: float = 0.0  # from the first to the last answer token
+    generate_seconds: float = 0.0  # from the first to the last answer token (0 for one token: no interval)
     answer_tokens: tuple[int, ...] = ()  # the answer's token ids (end-of-generation excluded)
+    # where the turn was stopped (Ctrl-C, the stream closed, an error): "prompt" (no answer token yet) or
+    # "answer"; None when it ran to its end (end of generation, max_tokens, a stop string, the context's end)
+    stopped_in: str | None = None
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -34,6 +37,8 @@ class EvalStats:
 
     @property
     def generation_tokens_per_second(self) -> float:
+        """Answer tokens after the first per second of generate_seconds; 0.0 when there is no interval to
+        time (an answer of one token or none)."""
         return (self.generated_tokens - 1) / self.generate_seconds if self.generate_seconds and self.generated_tokens > 1 else 0.0
 
 
@@ -43,6 +48,7 @@ def stream_answer(engine: Engine, slot: Slot, s: Sampling, stats: EvalStats, *, 
     random); `check_open` runs before each token (a stream resumed after close() must not decode)."""
     if s.max_tokens <= 0:
         return
+    stats.stopped_in = "answer"  # until it reaches one of its ends
     seed = s.seed if s.seed is not None else seed if seed is not None else LLAMA_DEFAULT_SEED
     engine.generate(slot, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
                     repeat_penalty=s.repeat_penalty, seed=seed)
@@ -59,9 +65,10 @@ def stream_answer(engine: Engine, slot: Slot, s: Sampling, stats: EvalStats, *, 
             if t_first is None:
                 t_first = now
                 stats.first_token_seconds = now - t_call
-            stats.generate_seconds = now - t_first
             if model.is_eog(token):
                 break
+            # timed to this answer token, not to the end-of-generation one after it
+            stats.generate_seconds = now - t_first
             n += 1
             ids.append(token)
             stats.generated_tokens = n
@@ -70,9 +77,11 @@ def stream_answer(engine: Engine, slot: Slot, s: Sampling, stats: EvalStats, *, 
             for piece in text.add(model.piece(token, special=False)):
                 yield piece
             if text.stopped:
+                stats.stopped_in = None
                 return
             if last:
                 break
+        stats.stopped_in = None  # every end but a stop string's comes here
         rest = text.flush()
         if rest:
             yield rest

@@ -3,9 +3,12 @@ over a calibration text, and optionally images through the mmproj (native/patche
 writes is read back by quantize/imatrix.py, as llama-quantize reads it."""
 from __future__ import annotations
 
+import codecs
 import os
+import re
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,14 @@ class ImatrixResult:
     images: int = 0
 
 
+# llama-imatrix's only per-step output: "[k]<perplexity>," after chunk k (when it computes perplexity, i.e.
+# without --no-ppl) and "image i/n: T tokens" after image i (native/patches/0002)
+CHUNK_DONE = re.compile(r"\[(\d+)\][^\s,\[\]]*,")
+IMAGE_DONE = re.compile(r"image (\d+)/\d+: \d+ tokens")
+COMPUTING = "compute_imatrix: computing over "
+Progress = Callable[[int, int], None]  # (steps done, steps in all): chunks, then images
+
+
 def builtin_calibration_text() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 
@@ -42,14 +53,18 @@ def builtin_calibration_text() -> Path:
 def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | None = None,
                     images: Path | str | None = None, mmproj: Path | str | None = None, n_ctx: int | None = None,
                     chunks: int | None = None, threads: int | None = None, force: bool = False,
-                    verbose: bool = False) -> ImatrixResult:
+                    verbose: bool = False, progress: Progress | None = None) -> ImatrixResult:
     """An importance matrix for `model` (an unquantized LLM GGUF) from `text` (default: a built-in
     calibration text of image descriptions and conversations), computed by llama.cpp's `llama-imatrix`;
     with `images` (a directory), each image is also run through `mmproj` (default: the unquantized one
     beside the model) and the LLM with a question about it (native/patches/0002).
 
     The context is 512 tokens (llama.cpp's usual choice) or less when the text is short, more when an
-    image needs it: the tool needs at least two contexts' worth of text tokens."""
+    image needs it: the tool needs at least two contexts' worth of text tokens.
+
+    `progress(done, total)` is called as the tool goes: 0 when it starts, then once per chunk and once
+    per image, ending at `total` (chunks + images). The tool then also computes each chunk's perplexity,
+    the only per-chunk line it writes; the matrix is the same bytes either way."""
     model, out = Path(model), Path(out)
     kind = classify(model)
     if kind.kind != "llm":
@@ -107,18 +122,20 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
                 load_image(f).save(png)
                 pngs.append(str(png))
             image_env["LLAVA_GGUF_IMATRIX_IMAGES"] = "\x1e".join(pngs)
+        report = progress if not verbose else None  # --verbose: the tool's own log instead
         cmd = [str(tool), "-m", str(model), "-f", str(text), "-o", str(partial), "--output-format", "gguf",
-               "-c", str(ctx), "-b", str(ctx), "--chunks", str(n_chunks), "-ngl", "0", "--no-ppl",
+               "-c", str(ctx), "-b", str(ctx), "--chunks", str(n_chunks), "-ngl", "0",
+               *(["--no-ppl"] if report is None else []),
                "-t", str(threads or max(1, os.cpu_count() or 1)), "-ofreq", str(1 << 30)]
-        p = subprocess.run(cmd, stdout=None if verbose else subprocess.PIPE, stderr=None if verbose else subprocess.STDOUT,
-                           text=True, errors="replace", env={**os.environ, **image_env}, pass_fds=outputs.fds)
-        if p.returncode != 0:
+        returncode, log = _run_tool(cmd, {**os.environ, **image_env}, outputs.fds, verbose, report,
+                                    n_chunks + len(calibration_images))
+        if returncode != 0:
             device = native_write_error(partial, out)  # the tool's own message hides errno
             if device is not None:
                 raise device
-            tail = [ln.strip() for ln in (p.stdout or "").splitlines() if ln.strip()]
+            tail = [ln.strip() for ln in log.splitlines() if ln.strip()]
             why = next((ln for ln in reversed(tail) if "error" in ln.lower() or "failed" in ln.lower()),
-                       tail[-1] if tail else f"exit code {p.returncode}")
+                       tail[-1] if tail else f"exit code {returncode}")
             why = why.replace(str(partial), str(out))
             raise LlavaGgufError(f"llama-imatrix failed: {why[:200]}", "--verbose shows its log")
         try:
@@ -132,6 +149,49 @@ def compute_imatrix(model: Path | str, out: Path | str, *, text: Path | str | No
                                  "--verbose shows its log") from None
     return ImatrixResult(out, len(im.entries), im.chunk_count, ctx, n_tokens, im.datasets[0] if im.datasets else "",
                          len(calibration_images))
+
+
+def _run_tool(cmd: list[str], env: dict[str, str], fds: tuple[int, ...], verbose: bool, progress: Progress | None,
+              total: int) -> tuple[int, str]:
+    """Run llama-imatrix: (exit code, its output; "" with --verbose, where it goes to the terminal).
+    With `progress`, its output is read as it comes and each chunk or image done is reported, one step
+    at a time (several may arrive in one read)."""
+    if verbose:
+        return subprocess.run(cmd, env=env, pass_fds=fds).returncode, ""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, pass_fds=fds)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    log, scanned, done = "", 0, 0
+    try:
+        if progress is not None:
+            progress(0, total)
+        while block := os.read(proc.stdout.fileno(), 1 << 16):
+            log += decoder.decode(block)
+            if progress is None:
+                continue
+            if not scanned:
+                # markers count from the line that starts the chunks: the loading log before it has
+                # bracketed numbers too
+                scanned = log.find(COMPUTING) + 1
+                if not scanned:
+                    continue
+            marks = sorted([*CHUNK_DONE.finditer(log, scanned), *IMAGE_DONE.finditer(log, scanned)],
+                           key=lambda m: m.end())
+            for m in marks:
+                if done < total:
+                    done += 1
+                    progress(done, total)
+            if marks:
+                scanned = marks[-1].end()
+        log += decoder.decode(b"", final=True)
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C): the tool does not outlive the call
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    if returncode == 0 and progress is not None and done < total:
+        progress(total, total)  # finished: whatever the log said, every step is done
+    return returncode, log
 
 
 def _image_calibration(info: GGUFInfo, images: Path | str, mmproj: Path | str | None, vocab):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from llava_gguf.errors import LlavaGgufError
-from llava_gguf.gguf.pairing import locate_pair
+from llava_gguf.gguf.pairing import PYTHON_CHOICES, locate_pair
 from llava_gguf.native.mtmd import Chunks
 from llava_gguf.runtime.engine import Engine
 from llava_gguf.runtime.generate import EvalStats, stream_answer
@@ -117,8 +117,8 @@ class LLaVA:
     def load(cls, path: str | Path, *, llm: str | Path | None = None, mmproj: str | Path | None = None,
              **options) -> LLaVA:
         """A directory that `convert`/`quantize` wrote: the LLM (the quantized one when there is exactly
-        one; `llm=` to choose) and its mmproj; `options` go to the constructor."""
-        llm_path, mmproj_path = locate_pair(path, llm, mmproj)
+        one; `llm=` to choose) and its mmproj (`mmproj=` to choose); `options` go to the constructor."""
+        llm_path, mmproj_path = locate_pair(path, llm, mmproj, choices=PYTHON_CHOICES)
         return cls(llm_path, mmproj_path, **options)
 
     @property
@@ -225,14 +225,23 @@ class LLaVA:
         """Render `messages` (with a generation prompt) and make the KV cache hold exactly that prompt,
         decoding only what differs from what it held. `images` fill the messages' image slots in order."""
         t0 = self._t_call = time.perf_counter()
-        chunks, segments = self.prompter.prompt(messages, images)
-        with chunks:
-            report = self.engine.load(self.slot, segments)
-        self.last = EvalStats(prompt_tokens=report.positions, reused_tokens=report.reused,
-                              evaluated_tokens=report.to_decode, images=report.images,
-                              images_encoded=report.images_encoded)
-        self.engine.run(self.slot)
-        self.last.prompt_seconds = time.perf_counter() - t0
+        # stats first: a prompt stopped part way (Ctrl-C while an image encodes or the prompt decodes) says
+        # so, with the time it really took and what was decoded, instead of the last answer's figures
+        self.last = EvalStats(stopped_in="prompt")
+        try:
+            chunks, segments = self.prompter.prompt(messages, images)
+            with chunks:
+                report = self.engine.load(self.slot, segments)
+            self.last = EvalStats(prompt_tokens=report.positions, reused_tokens=report.reused,
+                                  evaluated_tokens=report.to_decode, images=report.images,
+                                  images_encoded=report.images_encoded, stopped_in="prompt")
+            try:
+                self.engine.run(self.slot)
+            finally:
+                self.last.evaluated_tokens = report.to_decode - self.slot.n_pending
+            self.last.stopped_in = None
+        finally:
+            self.last.prompt_seconds = time.perf_counter() - t0
         return self.engine.held_ids(self.slot)
 
     @_open

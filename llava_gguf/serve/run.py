@@ -71,7 +71,8 @@ def check(o: ServeOptions) -> tuple[Path, Path, ImagePolicy, str | None]:
     if key is None and not is_loopback(o.host):
         warn(f"serving on {o.host} without an API key: anyone who can reach it can use the model",
              f"set --api-key or ${API_KEY_ENV}")
-    llm, mmproj = locate_pair(o.path, None, o.mmproj)
+    # serve has no --model: the LLM is chosen by giving its file as PATH
+    llm, mmproj = locate_pair(o.path, None, o.mmproj, choices=("PATH (give the language model's .gguf itself)", "--mmproj"))
     policy = ImagePolicy(media_root=root, allow_remote=o.allow_remote_images, max_bytes=o.max_image_bytes,
                          max_images=o.max_images)
     return llm, mmproj, policy, key

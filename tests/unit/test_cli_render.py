@@ -235,3 +235,19 @@ def test_quant_type_list():
     types = render.quant_types_json(QUANT_TYPES)["types"]
     assert [t["name"] for t in types] == [t.name for t in QUANT_TYPES]
     assert set(types[0]) == {"name", "bpw", "note", "needs_imatrix"}
+
+
+def test_quant_type_list_columns_align():
+    """`quantize --list`: every row's bits-per-weight and note columns start where every other row's do,
+    the longest name (MXFP4_MOE) included, with two spaces at least between the columns."""
+    import re
+
+    lines = render.quant_type_lines(QUANT_TYPES)
+    assert any(line.startswith("MXFP4_MOE ") for line in lines)
+    bpw_ends = {line.index(" bpw  ") for line in lines}
+    assert len(bpw_ends) == 1, lines
+    note_start = bpw_ends.pop() + len(" bpw  ")
+    for line, t in zip(lines, QUANT_TYPES):
+        name_column = re.match(r"(\S+)( +)", line)
+        assert name_column.group(1) == t.name and len(name_column.group(2)) >= 2, line
+        assert line[note_start:].startswith(t.note), line
