@@ -21,6 +21,16 @@ _converted: dict[tuple, tuple[Path, Path]] = {}
 
 
 @pytest.fixture(scope="session")
+def image_png(tmp_path_factory) -> Path:
+    """A 112 x 112 sample image (devkit.tiny.sample_image, seed 5) as a PNG file, for what takes a path."""
+    from devkit.tiny import sample_image
+
+    path = tmp_path_factory.mktemp("img") / "img.png"
+    sample_image(112, seed=5).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("llava")
 

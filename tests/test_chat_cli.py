@@ -14,7 +14,6 @@ import pytest
 from support import run_cli
 from llava_gguf import LLaVA
 from llava_gguf.native import library as native
-from devkit.tiny import sample_image
 
 PROMPT = "What is in the image?"
 # llava-hf's template for one user turn, in the form llama-mtmd-cli's --jinja takes (the marker it puts
@@ -29,37 +28,30 @@ def outdir(tiny, converted):
     return llm.parent
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "img.png"
-    sample_image(112, seed=5).save(path)
-    return path
-
-
-def test_one_shot_equals_the_api_and_llama_mtmd_cli(outdir, image):
+def test_one_shot_equals_the_api_and_llama_mtmd_cli(outdir, image_png):
     greedy = dict(temperature=0, max_tokens=12, repeat_penalty=1.0)
     with LLaVA.load(outdir) as m:
-        api = m.generate_from_image(image, PROMPT, **greedy)
+        api = m.generate_from_image(image_png, PROMPT, **greedy)
         llm, mmproj = m.model_path, m.mmproj_path
     assert api.strip()
-    p = run_cli("chat", str(outdir), "--image", str(image), "--prompt", PROMPT, "--temp", "0", "--max-tokens", "12",
+    p = run_cli("chat", str(outdir), "--image", str(image_png), "--prompt", PROMPT, "--temp", "0", "--max-tokens", "12",
                 "--repeat-penalty", "1.0")
     assert p.returncode == 0, p.stderr
     assert p.stdout == api + "\n"  # stdout carries exactly the answer
     assert p.stderr == ""  # llama.cpp's logs hidden
     tool = native.configure().tools_dir / "llama-mtmd-cli"
-    ref = subprocess.run([str(tool), "-m", str(llm), "--mmproj", str(mmproj), "--image", str(image), "-p", PROMPT,
+    ref = subprocess.run([str(tool), "-m", str(llm), "--mmproj", str(mmproj), "--image", str(image_png), "-p", PROMPT,
                           "--temp", "0", "-n", "12", "--jinja", "--chat-template", MTMD_TEMPLATE, "-t", "2"],
                          capture_output=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert ref.stdout.decode("utf-8", errors="replace").strip() == api.strip()
 
 
-def test_json_and_an_image_from_stdin(outdir, image):
+def test_json_and_an_image_from_stdin(outdir, image_png):
     with LLaVA.load(outdir) as m:
-        api = m.generate_from_image(image, PROMPT, temperature=0, max_tokens=6)
+        api = m.generate_from_image(image_png, PROMPT, temperature=0, max_tokens=6)
     p = subprocess.run([sys.executable, "-m", "llava_gguf", "chat", str(outdir), "--image", "-", "--prompt", PROMPT,
-                        "--temp", "0", "--max-tokens", "6", "--json"], input=image.read_bytes(),
+                        "--temp", "0", "--max-tokens", "6", "--json"], input=image_png.read_bytes(),
                        capture_output=True, timeout=300)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout.decode().strip().splitlines()[-1])
@@ -76,9 +68,9 @@ def _png_bomb(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
-def test_bad_images_are_one_line(outdir, image, tmp_path):
+def test_bad_images_are_one_line(outdir, image_png, tmp_path):
     (tmp_path / "bomb.png").write_bytes(_png_bomb(40000, 40000))
-    (tmp_path / "cut.png").write_bytes(image.read_bytes()[:200])
+    (tmp_path / "cut.png").write_bytes(image_png.read_bytes()[:200])
     (tmp_path / "text.jpg").write_text("hello")
     # an iPhone photo's first bytes; pillow-heif (the optional 'heic' extra) is not in the dev set-up
     (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
@@ -89,7 +81,7 @@ def test_bad_images_are_one_line(outdir, image, tmp_path):
         assert len(p.stderr.strip().splitlines()) == 1 and p.stdout == ""
 
 
-def test_interactive_session_in_a_terminal(outdir, image, tmp_path):
+def test_interactive_session_in_a_terminal(outdir, image_png, tmp_path):
     import pexpect
 
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -98,7 +90,7 @@ def test_interactive_session_in_a_terminal(outdir, image, tmp_path):
                           env=env, encoding="utf-8", timeout=120)
     try:
         child.expect_exact("> ")
-        child.sendline(f"/image {image}")
+        child.sendline(f"/image {image_png}")
         child.expect_exact("image attached")
         child.expect_exact("> ")
         child.sendline("What is in the image?")
@@ -131,7 +123,7 @@ def test_interactive_session_in_a_terminal(outdir, image, tmp_path):
     assert child.exitstatus == 0
     saved = json.loads((tmp_path / "t.json").read_text())
     assert [t["role"] for t in saved["turns"]] == ["user", "assistant", "user", "assistant"]
-    assert saved["turns"][0]["images"][0]["path"] == str(image)
+    assert saved["turns"][0]["images"][0]["path"] == str(image_png)
 
 
 def test_the_session_goes_on_after_bad_text_and_refused_saves(outdir, tmp_path):

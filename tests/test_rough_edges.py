@@ -5,7 +5,6 @@ one-token answer, and a prompt stopped part way recorded as such."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -105,25 +104,18 @@ def crowded(f16_pair, tmp_path_factory):
     return d
 
 
-def test_llava_load_names_its_arguments_the_cli_its_options(crowded, image_path):
+def test_llava_load_names_its_arguments_the_cli_its_options(crowded, image_png):
     text = one_line_error("several language models", LLaVA.load, crowded)
     assert "choose one with the llm= argument" in text and "--model" not in text, text
     text = one_line_error("several mmproj files", LLaVA.load, crowded, llm=crowded / "a-F16.gguf")
     assert "choose one with the mmproj= argument" in text and "--mmproj" not in text, text
     # the CLI passes what it was given and says its own flags
-    p = run_cli("chat", str(crowded), "--image", str(image_path), "--prompt", "hi")
+    p = run_cli("chat", str(crowded), "--image", str(image_png), "--prompt", "hi")
     assert p.returncode == 1 and "choose one with --model" in p.stderr and "llm=" not in p.stderr, p.stderr
-    p = run_cli("chat", str(crowded), "--model", str(crowded / "a-F16.gguf"), "--image", str(image_path),
+    p = run_cli("chat", str(crowded), "--model", str(crowded / "a-F16.gguf"), "--image", str(image_png),
                 "--prompt", "hi")
     assert p.returncode == 1 and "choose one with --mmproj" in p.stderr and "mmproj=" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
-
-
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "img.png"
-    sample_image(112, seed=5).save(path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------- convert
@@ -148,13 +140,13 @@ def test_convert_checkpoint_prints_no_template_processing_warning(tiny, tmp_path
 
 
 # ------------------------------------------------------------------------------------------- stats
-def test_repl_stats_for_a_one_token_answer(f16_pair, image_path, tmp_path):
+def test_repl_stats_for_a_one_token_answer(f16_pair, image_png, tmp_path):
     import pexpect
 
     llm, _ = f16_pair
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     child = pexpect.spawn(sys.executable, ["-m", "llava_gguf", "chat", str(llm.parent), "--temp", "0",
-                                           "--max-tokens", "1", "--image", str(image_path)],
+                                           "--max-tokens", "1", "--image", str(image_png)],
                           env=env, encoding="utf-8", timeout=120)
     try:
         child.expect_exact("> ")
@@ -174,20 +166,20 @@ def test_repl_stats_for_a_one_token_answer(f16_pair, image_path, tmp_path):
     assert said == "1 token (no generation rate: a single token has no interval to time)", said
 
 
-def test_a_prompt_that_stops_part_way_is_recorded_so(f16_pair, image_path):
+def test_a_prompt_that_stops_part_way_is_recorded_so(f16_pair, image_png):
     """A prompt that did not get to its first token leaves stats that say so, with the time it took, not
     the previous answer's figures; an answer closed early is marked stopped; one run to its end is not."""
     from llava_gguf.cli.render import timings
 
     llm, mmproj = f16_pair
     with LLaVA(llm, mmproj, n_ctx=256) as m:
-        assert m.generate_from_image(image_path, "What is in the image?", temperature=0, max_tokens=3)
+        assert m.generate_from_image(image_png, "What is in the image?", temperature=0, max_tokens=3)
         assert m.last.stopped_in is None and m.last.generated_tokens >= 1
         with pytest.raises(Exception, match="context holds 256"):
             m.eval_prompt("word " * 2000)
         assert m.last.stopped_in == "prompt" and m.last.prompt_seconds > 0
         assert timings(m.last).endswith("the answer was stopped before its first token")
-        stream = m.stream_from_image(image_path, "Describe it.", temperature=0, max_tokens=40)
+        stream = m.stream_from_image(image_png, "Describe it.", temperature=0, max_tokens=40)
         next(stream)
         stream.close()
         assert m.last.stopped_in == "answer" and m.last.generated_tokens >= 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llava_gguf.convert.template import PROBES as TEMPLATE_PROBES
 from llava_gguf.errors import LlavaGgufError
 from llava_gguf.families.llava15 import VICUNA_TEMPLATE
 from llava_gguf.runtime.prompt import Message, render_conversation
@@ -140,16 +141,12 @@ LLAMA3 = ChatFormat(
 
 FORMATS: tuple[ChatFormat, ...] = (VICUNA, MISTRAL, CHATML, LLAMA3)
 
-# The conversations a model's template must render as a format's does, as Ollama sends them (always with
-# the generation prompt): an image and a question, a system prompt, a follow-up after an answer, two
-# images, text only.
-PROBES: tuple[tuple[Message, ...], ...] = (
-    (Message("user", "What is in the image?", 1),),
-    (Message("system", "Answer briefly."), Message("user", "What shape?", 1)),
-    (Message("user", "Describe it.", 1), Message("assistant", "A red circle."), Message("user", "And the colour?")),
-    (Message("user", "Compare them.", 2),),
-    (Message("user", "Hello there"),),
-)
+# The conversations a model's template must render as a format's does: convert's template comparisons
+# (convert/template.py), those Ollama can send (always with the generation prompt) — an image and a
+# question, two images, a follow-up after an answer, a system prompt, text only.
+PROBES: tuple[tuple[Message, ...], ...] = tuple(
+    tuple(Message(role, text, n_images) for role, n_images, text in probe.messages)
+    for probe in TEMPLATE_PROBES if probe.add_generation_prompt)
 
 
 def _renders(templates: list[str], messages: tuple[Message, ...], bos: str, eos: str) -> str | None:

@@ -37,16 +37,19 @@ class ExportSource:
         return self.files.image_tokens
 
 
-def token_text(header: GGUFHeader, key: str) -> str:
-    """The text of the special token whose id `key` holds ("" when none), as the chat template sees it."""
-    token_id = header.value(key)
-    if not isinstance(token_id, int) or "tokenizer.ggml.tokens" not in header:
-        return ""
-    starts, lengths = header.string_spans("tokenizer.ggml.tokens")
-    if not 0 <= token_id < len(starts):
-        return ""
-    start, n = int(starts[token_id]), int(lengths[token_id])
-    return header.raw[start:start + n].decode("utf-8", "replace")
+def special_texts(header: GGUFHeader, *keys: str) -> tuple[str, ...]:
+    """The text of the special token whose id each key holds ("" when none), as the chat template sees it
+    (read from the header: an export loads no model)."""
+    if "tokenizer.ggml.tokens" not in header:
+        return ("",) * len(keys)
+    starts, lengths = header.string_spans("tokenizer.ggml.tokens")  # once for every key: a pass over the vocab
+    texts = []
+    for key in keys:
+        token_id = header.value(key)
+        ok = isinstance(token_id, int) and 0 <= token_id < len(starts)
+        start, n = (int(starts[token_id]), int(lengths[token_id])) if ok else (0, 0)
+        texts.append(header.raw[start:start + n].decode("utf-8", "replace"))
+    return tuple(texts)
 
 
 def _text_value(headers: tuple[GGUFHeader, ...], key: str) -> str | None:
@@ -65,12 +68,12 @@ def load_source(path: Path, model: Path | None = None, mmproj: Path | None = Non
         raise LlavaGgufError(f"no .gguf files in {path}", "give the directory that `llava-gguf convert` wrote")
     llm, proj = locate_pair(path, model, mmproj)
     files = check_files(Path(llm), Path(proj))
-    headers = (read_header(files.model_path), read_header(files.mmproj_path))
+    kind = classify(files.model_path)  # its type, and its header already read
+    headers = (kind.header, read_header(files.mmproj_path))
     templates = tuple(t for t in (files.llm_info.chat_template, files.family_template) if t)
     name = _text_value(headers, "general.name") or strip_type_suffix(files.model_path.stem)
-    return ExportSource(files.model_path, files.mmproj_path, files, templates,
-                        token_text(headers[0], "tokenizer.ggml.bos_token_id"),
-                        token_text(headers[0], "tokenizer.ggml.eos_token_id"), name, classify(files.model_path).type,
+    bos, eos = special_texts(kind.header, "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
+    return ExportSource(files.model_path, files.mmproj_path, files, templates, bos, eos, name, kind.type,
                         _text_value(headers, "general.organization"))
 
 

@@ -158,10 +158,7 @@ class Context:
         buffers"): the whole of src's cache is copied (at the next decode, before it writes anything), then
         what lies outside [p0, p1) forgotten."""
         lc = _lc()
-        if src == dst:
-            return
-        if self.n_seq_max == 1:
-            lc.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+        if src == dst:  # also every call on a one-sequence context
             return
         lc.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         if p1 >= 0:
